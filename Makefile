@@ -1,0 +1,17 @@
+# The two commands of README.md: `make install` (set-up) and `make test` (whole suite).
+PYTHON ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV)/bin/python,$(CURDIR)/.venv/bin/python)
+
+.PHONY: install test test-slow build
+install:
+	bash tools/setup.sh
+
+# Rebuild the extension after editing csrc/ (same flags as the set-up).
+build:
+	SKIP_DEPS=1 bash tools/setup.sh
+
+test:
+	$(PYTHON) -m pytest tests
+
+# Long learning runs (minutes each), reported in README.md.
+test-slow:
+	$(PYTHON) -m pytest tests -m slow

@@ -1,0 +1,49 @@
+"""d2seg's config keys on top of Detectron2's defaults.
+
+Each method contributes its keys through a function ``add_<method>_config(cfg)`` that is
+listed in ``_METHOD_CONFIGS``; :func:`add_d2seg_config` applies them all, so any d2seg
+YAML merges into a config built by :func:`get_d2seg_cfg`. Unknown keys in a YAML file
+raise Detectron2's KeyError naming the key, which is what a user should see.
+"""
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+_METHOD_CONFIGS = []
+
+
+def register_config(fn):
+    """Decorator for a method's ``add_*_config(cfg)`` so :func:`add_d2seg_config` runs it."""
+    _METHOD_CONFIGS.append(fn)
+    return fn
+
+
+def add_shared_config(cfg):
+    """Keys shared by all methods."""
+    cfg.D2SEG = CN()
+    # Built-in synthetic data set: generated under $DETECTRON2_DATASETS on first use.
+    cfg.D2SEG.SHAPES = CN()
+    cfg.D2SEG.SHAPES.NUM_TRAIN = 600
+    cfg.D2SEG.SHAPES.NUM_VAL = 100
+    cfg.D2SEG.SHAPES.IMAGE_SIZE = 128
+    cfg.D2SEG.SHAPES.SEED = 0
+    # Optimiser: "SGD" (Detectron2's default) or "ADAMW" / "ADAM"; betas and eps for Adam*.
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+    cfg.SOLVER.EPS = 1e-8
+
+
+def add_d2seg_config(cfg):
+    """Add every d2seg key (shared and per method) to a Detectron2 config, in place."""
+    if hasattr(cfg, "D2SEG"):
+        return cfg
+    add_shared_config(cfg)
+    for fn in _METHOD_CONFIGS:
+        fn(cfg)
+    return cfg
+
+
+def get_d2seg_cfg():
+    """Detectron2's default config with every d2seg key added."""
+    cfg = get_cfg()
+    add_d2seg_config(cfg)
+    return cfg

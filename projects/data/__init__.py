@@ -1,0 +1,1 @@
+"""Data: the built-in synthetic data set (placeholder being written)."""

@@ -1,0 +1,87 @@
+"""Loading of the compiled extension ``d2seg._C`` and dispatch to the reference.
+
+If the extension cannot be imported (d2seg was not built, or was built against another
+torch), a single clear warning says so and every op falls back to its pure-PyTorch
+reference, so nothing breaks silently.
+"""
+import logging
+import os
+import warnings
+
+import torch
+
+_EXT = None
+_EXT_ERROR = None
+_WARNED = False
+
+logger = logging.getLogger(__name__)
+
+
+def load_extension():
+    """Import ``d2seg._C`` once; return the module or None (with the reason kept)."""
+    global _EXT, _EXT_ERROR
+    if _EXT is None and _EXT_ERROR is None:
+        if os.environ.get("D2SEG_DISABLE_EXTENSION") == "1":
+            _EXT_ERROR = "disabled by D2SEG_DISABLE_EXTENSION=1"
+        else:
+            try:
+                from d2seg import _C  # noqa: F401
+
+                _EXT = _C
+            except ImportError as e:  # not built, or an ABI mismatch
+                _EXT_ERROR = str(e)
+    return _EXT
+
+
+def extension_available():
+    return load_extension() is not None
+
+
+def extension_error():
+    load_extension()
+    return _EXT_ERROR
+
+
+def _warn_fallback():
+    global _WARNED
+    if not _WARNED:
+        _WARNED = True
+        msg = (
+            "d2seg's compiled extension d2seg._C is not available "
+            f"({_EXT_ERROR}); using the pure-PyTorch reference ops, which are slower. "
+            "Build it with `bash tools/setup.sh` or `pip install --no-build-isolation -e .`."
+        )
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        logger.warning(msg)
+
+
+def use_compiled(*tensors):
+    """Whether to run the compiled op for these inputs (else: the reference)."""
+    if load_extension() is None:
+        _warn_fallback()
+        return False
+    if any(t.is_cuda for t in tensors) and not _EXT.has_cuda():
+        raise RuntimeError(
+            "d2seg._C was built without CUDA kernels but got CUDA tensors; rebuild with "
+            "FORCE_CUDA=1 on a machine with the CUDA toolkit."
+        )
+    return True
+
+
+def axpy_reference(x, y, alpha):
+    return alpha * x + y
+
+
+def axpy(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``alpha * x + y`` through the compiled op (a minimal op that keeps the build tested).
+
+    Args:
+        x, y: tensors of the same shape, dtype and device.
+    """
+    if x.shape != y.shape:
+        raise ValueError(f"axpy: x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.device != y.device:
+        raise ValueError(f"axpy: x and y must be on the same device, got {x.device} and {y.device}")
+    if use_compiled(x, y):
+        return torch.ops.d2seg.axpy(x, y, float(alpha))
+    return axpy_reference(x, y, alpha)

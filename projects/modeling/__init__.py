@@ -1,0 +1,4 @@
+"""Imports every method so that its Detectron2 registry entries exist.
+
+Each method lives in its own folder (projects/<method>/); add its import here.
+"""
