@@ -2,3 +2,4 @@
 
 Each method lives in its own folder (projects/<method>/); add its import here.
 """
+from d2seg import sparseinst  # noqa: F401,E402  (SparseInst)

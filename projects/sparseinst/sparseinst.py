@@ -1,0 +1,171 @@
+"""SparseInst meta-architecture: backbone -> instance context encoder -> IAM decoder;
+bipartite-matching losses in training; threshold-only inference (no sorting, no NMS).
+
+Shapes: B batch, N instances per image (NUM_MASKS), C classes, Hp x Wp the padded input,
+Hm x Wm the mask output (Hp / 4 x Wp / 4 by default), R kept detections of one image.
+"""
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+
+from .decoder import build_sparse_inst_decoder
+from .encoder import build_sparse_inst_encoder
+from .loss import SparseInstCriterion
+
+
+def rescored_probabilities(pred_logits: torch.Tensor, pred_scores: torch.Tensor) -> torch.Tensor:
+    """p~ = sqrt(p * s): class probabilities rescored by the IoU-aware objectness.
+
+    pred_logits: (..., N, C); pred_scores: (..., N, 1) -> (..., N, C).
+    """
+    return torch.sqrt(pred_logits.sigmoid() * pred_scores.sigmoid())
+
+
+def maskness(mask_probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Mean probability inside each binarised mask. (R, H, W) -> (R,)."""
+    binary = (mask_probs > threshold).to(mask_probs.dtype)
+    return (mask_probs * binary).flatten(1).sum(-1) / (binary.flatten(1).sum(-1) + 1e-6)
+
+
+def masks_to_boxes(masks: torch.Tensor) -> Boxes:
+    """Tight XYXY boxes of binary masks (R, H, W) -> Boxes (R, 4); an empty mask gives zeros."""
+    r, h, w = masks.shape
+    if r == 0:
+        return Boxes(torch.zeros(0, 4, device=masks.device))
+    cols, rows = masks.any(dim=1), masks.any(dim=2)  # (R, W), (R, H)
+    xs = torch.arange(w, device=masks.device, dtype=torch.float32)
+    ys = torch.arange(h, device=masks.device, dtype=torch.float32)
+    big = float(max(h, w))
+    x1 = torch.where(cols, xs, big).min(dim=1).values
+    x2 = torch.where(cols, xs, -1.0).max(dim=1).values + 1
+    y1 = torch.where(rows, ys, big).min(dim=1).values
+    y2 = torch.where(rows, ys, -1.0).max(dim=1).values + 1
+    boxes = torch.stack([x1, y1, x2, y2], dim=1)
+    return Boxes(boxes * masks.flatten(1).any(dim=1, keepdim=True))
+
+
+@META_ARCH_REGISTRY.register()
+class SparseInst(nn.Module):
+    """Detectron2 meta-architecture. Training input: dataset dicts with ``image`` and
+    ``instances`` (``gt_classes``, ``gt_masks`` as BitMasks, or polygons converted here);
+    output: the loss dict. Inference output: ``[{"instances": Instances}]`` with
+    ``pred_masks`` (R, H, W) bool, ``pred_boxes`` (boxes of the masks), ``scores``,
+    ``pred_classes`` at each image's original ``height`` x ``width``.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        si = cfg.MODEL.SPARSE_INST
+        self.backbone = build_backbone(cfg)
+        self.encoder = build_sparse_inst_encoder(cfg, self.backbone.output_shape())
+        self.decoder = build_sparse_inst_decoder(cfg, self.encoder.out_channels)
+        self.criterion = SparseInstCriterion.from_config(cfg)
+        self.size_divisibility = max(int(self.backbone.size_divisibility or 0), 32)
+        self.num_classes = si.DECODER.NUM_CLASSES
+        self.cls_threshold = si.CLS_THRESHOLD
+        self.mask_threshold = si.MASK_THRESHOLD
+        self.mask_rescore = si.MASK_RESCORE
+        self.max_detections = si.MAX_DETECTIONS
+        self.mask_format = cfg.INPUT.MASK_FORMAT
+        if len(cfg.MODEL.PIXEL_MEAN) != len(cfg.MODEL.PIXEL_STD):
+            raise ValueError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD differ in length")
+        self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
+        self.to(torch.device(cfg.MODEL.DEVICE))
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ network
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def predict(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Normalised, padded images (B, 3, Hp, Wp) -> the decoder's output dict."""
+        return self.decoder(self.encoder(self.backbone(images)))
+
+    def forward(self, batched_inputs: List[Dict]):
+        images = self.preprocess_image(batched_inputs)
+        outputs = self.predict(images.tensor)
+        if self.training:
+            if any("instances" not in x for x in batched_inputs):
+                raise ValueError("SparseInst training needs 'instances' in every dataset dict")
+            gt_classes, gt_masks = self.prepare_targets(
+                [x["instances"] for x in batched_inputs], images.tensor.shape[-2:], outputs["pred_masks"].shape[-2:]
+            )
+            return self.criterion(outputs, gt_classes, gt_masks)
+        return self.inference(outputs, batched_inputs, images)
+
+    # ------------------------------------------------------------------ targets
+    def prepare_targets(self, instances: List[Instances], padded_size, mask_size):
+        """Per image: classes (K,) and masks (K, Hm, Wm) in [0, 1]: the bitmasks padded to the
+        batch's padded size and area-downsampled to the mask output size.
+        """
+        hp, wp = int(padded_size[0]), int(padded_size[1])
+        classes, masks = [], []
+        for inst in instances:
+            h, w = inst.image_size
+            cls = inst.gt_classes.to(self.device) if inst.has("gt_classes") else torch.zeros(0, dtype=torch.int64,
+                                                                                           device=self.device)
+            if len(cls) == 0:
+                bm = torch.zeros(0, h, w, device=self.device)
+            elif not inst.has("gt_masks"):
+                raise ValueError("SparseInst needs gt_masks; set MODEL.MASK_ON True and annotate segmentations")
+            else:
+                gm = inst.gt_masks
+                if not isinstance(gm, BitMasks):
+                    if hasattr(gm, "polygons"):
+                        gm = BitMasks.from_polygon_masks(gm.polygons, h, w)
+                    else:
+                        raise TypeError(f"gt_masks of type {type(gm).__name__} is not supported; use "
+                                        "INPUT.MASK_FORMAT 'bitmask' or 'polygon'")
+                bm = gm.tensor.to(self.device, torch.float32)
+            padded = bm.new_zeros(bm.shape[0], hp, wp)
+            padded[:, : bm.shape[1], : bm.shape[2]] = bm
+            if bm.shape[0]:
+                padded = F.interpolate(padded[:, None], size=tuple(mask_size), mode="area")[:, 0]
+            else:
+                padded = padded.new_zeros(0, *mask_size)
+            classes.append(cls)
+            masks.append(padded)
+        return classes, masks
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def inference(self, outputs, batched_inputs, images: ImageList):
+        probs = rescored_probabilities(outputs["pred_logits"], outputs["pred_scores"])  # (B, N, C)
+        mask_probs = outputs["pred_masks"].sigmoid()  # (B, N, Hm, Wm)
+        padded_size = images.tensor.shape[-2:]
+        results = []
+        for i, (p, m, image_size) in enumerate(zip(probs, mask_probs, images.image_sizes)):
+            out_h = batched_inputs[i].get("height", image_size[0])
+            out_w = batched_inputs[i].get("width", image_size[1])
+            scores, labels = p.max(dim=-1)
+            keep = scores > self.cls_threshold
+            scores, labels, m = scores[keep], labels[keep], m[keep]
+            if scores.numel() > self.max_detections:
+                top = scores.topk(self.max_detections).indices
+                scores, labels, m = scores[top], labels[top], m[top]
+            result = Instances((out_h, out_w))
+            if m.shape[0]:
+                if self.mask_rescore:
+                    scores = scores * maskness(m, self.mask_threshold)
+                m = F.interpolate(m[:, None], size=padded_size, mode="bilinear", align_corners=False)
+                m = m[:, :, : image_size[0], : image_size[1]]
+                m = F.interpolate(m, size=(out_h, out_w), mode="bilinear", align_corners=False)[:, 0]
+                binary = m > self.mask_threshold
+            else:
+                binary = torch.zeros(0, out_h, out_w, dtype=torch.bool, device=self.device)
+            result.pred_masks = binary
+            result.pred_boxes = masks_to_boxes(binary)
+            result.scores = scores
+            result.pred_classes = labels
+            results.append({"instances": result})
+        return results
