@@ -1,0 +1,185 @@
+"""One trainer for every method: Detectron2's DefaultTrainer with
+
+- the built-in ``shapes_*`` data sets generated before any loader or evaluator is built;
+- d2seg's dataset mapper (clear errors naming unreadable images);
+- an evaluator chosen from the data set's ``evaluator_type`` (COCO instances, LVIS,
+  sem_seg, Cityscapes);
+- optimisers from config: SGD (default), Adam, AdamW (``SOLVER.OPTIMIZER``), with
+  Detectron2's gradient clipping and a "full_model" (global norm) clip type;
+- atomic checkpoints (see :mod:`d2seg.engine.checkpoint`);
+- DistributedDataParallel that also works on CPU (gloo), where Detectron2's default
+  passes GPU device ids.
+"""
+import itertools
+import logging
+import os
+import weakref
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import (
+    CityscapesInstanceEvaluator,
+    CityscapesSemSegEvaluator,
+    COCOEvaluator,
+    DatasetEvaluators,
+    LVISEvaluator,
+    SemSegEvaluator,
+)
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..config import get_d2seg_cfg
+from .checkpoint import AtomicCheckpointer
+
+logger = logging.getLogger(__name__)
+
+
+def setup_cfg(config_file=None, opts=(), freeze=True):
+    """A d2seg config: Detectron2 defaults + d2seg keys, then the YAML file, then ``opts``.
+
+    An unknown key in the file or in ``opts`` raises ``KeyError`` naming the key (and the
+    file), rather than being ignored.
+    """
+    cfg = get_d2seg_cfg()
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"config file not found: {config_file}")
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, AssertionError) as e:
+            raise KeyError(f"{config_file}: unknown config key ({e})") from e
+    if opts:
+        try:
+            cfg.merge_from_list(list(opts))
+        except (KeyError, AssertionError) as e:  # yacs asserts on unknown keys in lists
+            raise KeyError(f"command line: unknown config key ({e})") from e
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def build_evaluator(cfg, dataset_name, output_folder=None):
+    """Evaluator for ``dataset_name`` chosen from its metadata's ``evaluator_type``."""
+    if output_folder is None:
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+    meta = MetadataCatalog.get(dataset_name)
+    evaluator_type = meta.get("evaluator_type", None)
+    evaluators = []
+    if evaluator_type in ("sem_seg", "coco_panoptic_seg"):
+        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+    if evaluator_type in ("coco", "coco_panoptic_seg"):
+        evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
+    if evaluator_type == "lvis":
+        evaluators.append(LVISEvaluator(dataset_name, output_dir=output_folder))
+    if evaluator_type == "cityscapes_instance":
+        evaluators.append(CityscapesInstanceEvaluator(dataset_name))
+    if evaluator_type == "cityscapes_sem_seg":
+        evaluators.append(CityscapesSemSegEvaluator(dataset_name))
+    if not evaluators:
+        raise NotImplementedError(
+            f"no evaluator for data set '{dataset_name}' with evaluator_type={evaluator_type!r}"
+        )
+    return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+
+
+def _add_full_model_gradient_clipping(optim_cls, clip_norm):
+    class FullModelGradientClipping(optim_cls):
+        def step(self, closure=None):
+            params = itertools.chain(*[g["params"] for g in self.param_groups])
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            return super().step(closure=closure)
+
+    FullModelGradientClipping.__name__ = optim_cls.__name__ + "WithFullModelGradientClipping"
+    return FullModelGradientClipping
+
+
+def build_optimizer(cfg, model):
+    """SGD (Detectron2's), Adam or AdamW by ``SOLVER.OPTIMIZER``, with gradient clipping
+    (``SOLVER.CLIP_GRADIENTS``; CLIP_TYPE "value", "norm" or "full_model")."""
+    params = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    name = cfg.SOLVER.OPTIMIZER.upper()
+    if name == "SGD":
+        optim_cls = torch.optim.SGD
+        kwargs = dict(lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
+                      nesterov=cfg.SOLVER.NESTEROV, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    elif name in ("ADAM", "ADAMW"):
+        optim_cls = torch.optim.Adam if name == "ADAM" else torch.optim.AdamW
+        kwargs = dict(lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS), eps=cfg.SOLVER.EPS,
+                      weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER: unknown optimizer {cfg.SOLVER.OPTIMIZER!r}; "
+                         "expected one of SGD, ADAM, ADAMW")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+        optim_cls = _add_full_model_gradient_clipping(optim_cls, clip.CLIP_VALUE)
+    else:
+        optim_cls = maybe_add_gradient_clipping(cfg, optim_cls)
+    return optim_cls(params, **kwargs)
+
+
+class Trainer(DefaultTrainer):
+    """Detectron2's DefaultTrainer for every d2seg method (see the module docstring)."""
+
+    def __init__(self, cfg):
+        # Same steps as DefaultTrainer.__init__, with a CPU-capable DDP and an atomic
+        # checkpointer; TrainerBase.__init__ is called directly on purpose.
+        super(DefaultTrainer, self).__init__()
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        from ..data import prepare_datasets
+
+        prepare_datasets(cfg)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_gpu = next(model.parameters()).is_cuda
+        model = create_ddp_model(
+            model, broadcast_buffers=False, **({} if on_gpu else {"device_ids": None})
+        )
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        from ..data import D2SegDatasetMapper
+
+        return build_detection_train_loader(cfg, mapper=D2SegDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        from ..data import D2SegDatasetMapper
+
+        return build_detection_test_loader(cfg, dataset_name, mapper=D2SegDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        from ..data import prepare_datasets
+
+        prepare_datasets(cfg)
+        return super().test(cfg, model, evaluators)

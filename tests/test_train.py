@@ -1,0 +1,208 @@
+"""The training/evaluation entry points on the built-in data set: config errors, loss
+decrease, --eval-only through COCOEvaluator, the demo, resume after a kill, atomic
+checkpoints and 2-process (gloo) training."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import CONFIGS, REPO, TOOLS, tiny_opts
+
+MASK_RCNN = os.path.join(CONFIGS, "quick", "mask_rcnn_shapes.yaml")
+
+
+def run_tool(args, timeout=600, check=True, **kw):
+    out = subprocess.run([sys.executable] + args, cwd=REPO, capture_output=True, text=True,
+                         timeout=timeout, **kw)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out
+
+
+def test_unknown_config_key_names_key_and_file(tmp_path):
+    from d2seg.engine import setup_cfg
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f'_BASE_: "{MASK_RCNN}"\nMODEL:\n  NOT_A_KEY: 3\n')
+    with pytest.raises(KeyError, match=r"bad\.yaml.*NOT_A_KEY"):
+        setup_cfg(str(bad))
+    with pytest.raises(KeyError, match="SOLVER.NOPE"):
+        setup_cfg(MASK_RCNN, ["SOLVER.NOPE", "1"])
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        setup_cfg(str(tmp_path / "missing.yaml"))
+    cfg = setup_cfg(MASK_RCNN)
+    assert cfg.MODEL.RESNETS.DEPTH == 18 and cfg.MODEL.RESNETS.NORM == "GN"
+    assert cfg.SOLVER.MAX_ITER == 300 and cfg.SOLVER.IMS_PER_BATCH == 4
+
+
+def test_optimizers_from_config():
+    from d2seg.engine import build_optimizer, setup_cfg
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))
+    for name, cls in [("SGD", torch.optim.SGD), ("ADAM", torch.optim.Adam), ("ADAMW", torch.optim.AdamW)]:
+        cfg = setup_cfg(MASK_RCNN, ["SOLVER.OPTIMIZER", name, "SOLVER.BASE_LR", "0.5"])
+        opt = build_optimizer(cfg, model)
+        assert isinstance(opt, cls) and opt.param_groups[0]["lr"] == 0.5
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
+        build_optimizer(setup_cfg(MASK_RCNN, ["SOLVER.OPTIMIZER", "LION"]), model)
+    # full-model clipping bounds the global gradient norm
+    cfg = setup_cfg(MASK_RCNN, ["SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1e-3", "SOLVER.BASE_LR", "1.0",
+                                "SOLVER.MOMENTUM", "0.0", "SOLVER.WEIGHT_DECAY", "0.0",
+                                "SOLVER.WEIGHT_DECAY_NORM", "0.0"])
+    lin = torch.nn.Linear(4, 1, bias=False)
+    opt = build_optimizer(cfg, lin)
+    before = lin.weight.detach().clone()
+    (lin(torch.ones(1, 4)) * 1000).sum().backward()
+    opt.step()
+    assert (lin.weight.detach() - before).norm().item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_few_iterations_reduce_the_loss(tmp_path):
+    from detectron2.engine import HookBase
+
+    from d2seg.engine import Trainer, setup_cfg
+
+    cfg = setup_cfg(MASK_RCNN, tiny_opts(tmp_path, max_iter=30, SOLVER__BASE_LR=0.01,
+                                         SOLVER__CHECKPOINT_PERIOD=1000))
+    losses = []
+
+    class Record(HookBase):
+        def after_step(self):
+            losses.append(self.trainer.storage.history("total_loss").latest())
+
+    trainer = Trainer(cfg)
+    trainer.register_hooks([Record()])
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert len(losses) == 30 and all(map(lambda x: x == x, losses))
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short real run of tools/train_net.py, reused by the eval/demo tests."""
+    out = tmp_path_factory.mktemp("train")
+    run_tool([os.path.join(TOOLS, "train_net.py"), "--config-file", MASK_RCNN]
+             + tiny_opts(out, max_iter=12, SOLVER__CHECKPOINT_PERIOD=1000))
+    assert (out / "model_final.pth").exists()
+    return out
+
+
+def test_eval_only_reports_box_and_mask_ap(trained):
+    res = run_tool([os.path.join(TOOLS, "train_net.py"), "--config-file", MASK_RCNN, "--eval-only"]
+                   + tiny_opts(trained / "eval") + ["MODEL.WEIGHTS", str(trained / "model_final.pth")])
+    log = res.stdout + res.stderr
+    assert "Evaluation results for bbox" in log and "Evaluation results for segm" in log
+    assert re.search(r"copypaste: Task: bbox", log) and re.search(r"copypaste: Task: segm", log)
+    assert (trained / "eval" / "inference" / "coco_instances_results.json").exists()
+
+
+def test_demo_writes_images_and_names_bad_files(trained, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    img = tmp_path / "in" / "a.jpg"
+    img.parent.mkdir()
+    Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8")).save(img)
+    (tmp_path / "in" / "broken.png").write_bytes(b"this is not a png")
+    res = run_tool([os.path.join(TOOLS, "demo.py"), "--config-file", MASK_RCNN, "--input",
+                    str(img.parent), "--output", str(tmp_path / "out"), "--confidence-threshold", "0.3",
+                    "--opts"] + tiny_opts(tmp_path / "o") + ["MODEL.WEIGHTS", str(trained / "model_final.pth")],
+                   check=False)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "cannot read image" in res.stderr and "broken.png" in res.stderr
+    out = Image.open(tmp_path / "out" / "a.png")
+    assert out.size == (64, 64)
+
+
+def test_resume_after_kill_continues_from_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(TOOLS, "train_net.py"), "--config-file", MASK_RCNN] + tiny_opts(
+        out, max_iter=1000, SOLVER__CHECKPOINT_PERIOD=3)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "model_0000005.pth").exists():
+            assert proc.poll() is None, "training exited early"
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    last = (out / "last_checkpoint").read_text().strip()
+    done = int(re.match(r"model_(\d+)\.pth", last).group(1))
+    assert done >= 5
+    # every checkpoint that exists under its final name is complete
+    for f in out.glob("model_*.pth"):
+        torch.load(f, map_location="cpu", weights_only=False)
+
+    res = run_tool([os.path.join(TOOLS, "train_net.py"), "--config-file", MASK_RCNN, "--resume"]
+                   + tiny_opts(out, max_iter=done + 3, SOLVER__CHECKPOINT_PERIOD=3))
+    log = res.stdout + res.stderr
+    assert f"Resuming at iteration {done + 1}" in log, log[-3000:]
+    iters = [json.loads(l)["iteration"] for l in (out / "metrics.json").read_text().splitlines() if l.strip()]
+    assert max(iters) == done + 2  # iterations done+1 .. done+2 ran after the resume
+    assert (out / "model_final.pth").exists()
+
+
+def test_interrupted_checkpoint_write_leaves_previous_state(tmp_path):
+    from d2seg.engine.checkpoint import _atomic_write
+
+    target = tmp_path / "model_0000009.pth"
+    torch.save({"ok": 1}, target)
+
+    def half_write(f):
+        f.write(b"\x80\x02partial")
+        raise KeyboardInterrupt  # like a kill in the middle of torch.save
+
+    with pytest.raises(KeyboardInterrupt):
+        _atomic_write(str(target), half_write)
+    assert torch.load(target, weights_only=True) == {"ok": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_0000009.pth"]
+
+
+DDP_SCRIPT = r'''
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import tiny_opts
+from detectron2.engine import launch
+from detectron2.utils import comm
+import d2seg
+from d2seg.engine import Trainer, setup_cfg
+
+def main(out):
+    cfg = setup_cfg({cfg!r}, tiny_opts(out, max_iter=3, SOLVER__CHECKPOINT_PERIOD=1000))
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    assert comm.get_world_size() == 2
+    torch.save(model.state_dict(), os.path.join(out, "rank%d.pth" % comm.get_rank()))
+
+if __name__ == "__main__":
+    launch(main, 2, dist_url="tcp://127.0.0.1:%d" % int(sys.argv[2]), args=(sys.argv[1],))
+'''
+
+
+def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), cfg=MASK_RCNN))
+    run_tool([str(script), str(tmp_path), str(port)], timeout=600)
+    a = torch.load(tmp_path / "rank0.pth", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pth", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"ranks differ at {k}")

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Run a d2seg (or Detectron2) model on images and write the visualised predictions.
+
+    python tools/demo.py --config-file configs/quick/mask_rcnn_shapes.yaml \
+        --input img1.jpg dir_of_images/ "more/*.png" --output out_dir/ \
+        --confidence-threshold 0.5 --opts MODEL.WEIGHTS output/.../model_final.pth
+
+Runs on the CPU unless MODEL.DEVICE says otherwise (and a GPU is present). A file that is
+not a readable image is reported with a clear message and skipped; the exit status is 1
+if any input failed.
+"""
+import argparse
+import glob
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+import d2seg  # noqa: F401  (registers every method and the built-in data sets)
+from d2seg.engine import setup_cfg
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="d2seg demo: visualise predictions on images")
+    p.add_argument("--config-file", required=True, metavar="FILE")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="image files, folders of images, or glob patterns")
+    p.add_argument("--output", required=True,
+                   help="a folder (one output per input), or a file name when there is one input")
+    p.add_argument("--confidence-threshold", type=float, default=0.5,
+                   help="minimum score of the instances drawn")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
+                   help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS path.pth")
+    return p
+
+
+def expand_inputs(inputs):
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            paths += sorted(os.path.join(item, f) for f in os.listdir(item)
+                            if f.lower().endswith(IMAGE_EXTS))
+        elif any(ch in item for ch in "*?["):
+            paths += sorted(glob.glob(item))
+        else:
+            paths.append(item)
+    return paths
+
+
+def output_path(args, path, n_inputs):
+    if n_inputs == 1 and os.path.splitext(args.output)[1].lower() in IMAGE_EXTS:
+        return args.output
+    os.makedirs(args.output, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join(args.output, stem + ".png")
+
+
+def visualise(image_rgb, predictions, metadata, threshold):
+    vis = Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
+    if "instances" in predictions:
+        inst = predictions["instances"].to("cpu")
+        if inst.has("scores"):
+            inst = inst[inst.scores >= threshold]
+        return vis.draw_instance_predictions(inst), len(inst)
+    if "sem_seg" in predictions:
+        return vis.draw_sem_seg(predictions["sem_seg"].argmax(dim=0).to("cpu")), None
+    raise ValueError(f"the model returned neither 'instances' nor 'sem_seg': {list(predictions)}")
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    setup_logger(name="d2seg")
+    logger = setup_logger()
+    device = args.device if (args.device == "cpu" or torch.cuda.is_available()) else "cpu"
+    cfg = setup_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", device])
+    if not cfg.MODEL.WEIGHTS:
+        logger.warning("MODEL.WEIGHTS is empty: predicting with randomly initialised weights")
+    predictor = DefaultPredictor(cfg)
+    dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused"
+    metadata = MetadataCatalog.get(dataset)
+
+    paths = expand_inputs(args.input)
+    if not paths:
+        print(f"error: no input images found in {args.input}", file=sys.stderr)
+        return 1
+    failed = 0
+    for path in paths:
+        try:
+            image = read_image(path, format="BGR")
+        except Exception as e:  # PIL/OS errors: name the file, keep going
+            failed += 1
+            print(f"error: cannot read image '{path}': {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        start = time.perf_counter()
+        predictions = predictor(image)
+        elapsed = time.perf_counter() - start
+        out, n = visualise(image[:, :, ::-1], predictions, metadata, args.confidence_threshold)
+        dst = output_path(args, path, len(paths))
+        out.save(dst)
+        what = f"{n} instances" if n is not None else "semantic map"
+        logger.info(f"{path}: {what} in {elapsed:.2f}s -> {dst}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Train or evaluate any d2seg method (or any Detectron2 model) with Detectron2's launcher.
+
+    python tools/train_net.py --config-file configs/quick/mask_rcnn_shapes.yaml
+    python tools/train_net.py --config-file X.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
+    python tools/train_net.py --config-file X.yaml --resume          # continue a killed run
+    python tools/train_net.py --config-file X.yaml --num-gpus 2      # 2 processes (gloo on CPU)
+
+On a machine without a GPU, MODEL.DEVICE is set to "cpu" automatically.
+"""
+import logging
+import os
+import sys
+
+import torch
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+import d2seg  # noqa: F401  (registers every method and the built-in data sets)
+from d2seg.engine import AtomicCheckpointer, Trainer, setup_cfg
+
+
+def setup(args):
+    cfg = setup_cfg(args.config_file, args.opts, freeze=False)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    if args.resume:
+        logging.getLogger("d2seg").info(f"Resuming at iteration {trainer.start_iter}")
+    return trainer.train()
+
+
+def invoke_main():
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
