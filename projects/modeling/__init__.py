@@ -3,5 +3,6 @@
 Each method lives in its own folder (projects/<method>/); add its import here.
 """
 from d2seg import sparseinst  # noqa: F401,E402  (SparseInst)
-from d2seg import fcos  # noqa: F401,E402  (FCOS, OneStageDetector)
 from d2seg import solo  # noqa: F401,E402  (SOLO, Decoupled SOLO, SOLOv2)
+from d2seg import fcos  # noqa: F401,E402  (FCOS, OneStageDetector)
+from d2seg import pointrend  # noqa: F401,E402  (PointRend: instance and semantic heads)
