@@ -177,6 +177,9 @@ class _ProbeMaskHead(OneStageMaskHead):
 def test_mask_head_receives_positives_and_detections():
     cfg = tiny_cfg()
     cfg.MODEL.FCOS.YIELD_BOX_FEATURES = True
+    cfg.MODEL.FCOS.YIELD_PROPOSAL = True
+    cfg.MODEL.FCOS.INFERENCE_TH_TRAIN = 0.0
+    cfg.MODEL.FCOS.POST_NMS_TOPK_TRAIN = 4
     torch.manual_seed(0)
     args = OneStageDetector.from_config(cfg)
     args["mask_head"] = _ProbeMaskHead(64)
@@ -190,6 +193,9 @@ def test_mask_head_receives_positives_and_detections():
     assert m.mask_head.top_module.weight.grad.abs().sum() > 0
 
     out, gt_instances = m.mask_head.seen["train"]
+    # YIELD_PROPOSAL: detections on the training batch too, capped by POST_NMS_TOPK_TRAIN.
+    assert len(out.detections) == 2 and all(0 < len(d) <= 4 for d in out.detections)
+    assert out.detections[0].top_feats.shape[1] == 3
     pos = out.positives
     assert len(pos) > 0 and set(pos.im_inds.tolist()) == {0, 1}
     assert pos.top_feats.shape == (len(pos), 3)

@@ -45,4 +45,28 @@ from .targets import (
     size_ranges_from_sizes_of_interest,
 )
 
-__all__ = [k for k in dir() if not k.startswith("_") and k != "config"]
+__all__ = [
+    "build_fcos_resnet_fpn_backbone",
+    "ModulatedDeformConv2d",
+    "FCOS",
+    "FCOSOutputs",
+    "flatten_levels",
+    "gather_at_locations",
+    "FCOSHead",
+    "FCOSHeadOutputs",
+    "Scale",
+    "decode_ltrb",
+    "fcos_inference_single_image",
+    "FCOSLoss",
+    "iou_loss_ltrb",
+    "ONE_STAGE_MASK_HEAD_REGISTRY",
+    "OneStageDetector",
+    "OneStageMaskHead",
+    "build_one_stage_mask_head",
+    "FCOSTargets",
+    "assign_targets",
+    "assign_targets_single_image",
+    "compute_locations",
+    "ctrness_targets",
+    "size_ranges_from_sizes_of_interest",
+]
