@@ -1,5 +1,21 @@
 """Python face of the compiled ops in csrc/: autograd wrappers, pure-PyTorch references
 and the dispatch between them."""
+from .dynamic_conv import (
+    dynamic_kernel_product,
+    dynamic_mask_head,
+    dynamic_mask_head_num_params,
+    instance_aware_conv,
+    parse_dynamic_params,
+)
 from .extension import axpy, extension_available, load_extension
 
-__all__ = ["axpy", "extension_available", "load_extension"]
+__all__ = [
+    "axpy",
+    "extension_available",
+    "load_extension",
+    "instance_aware_conv",
+    "dynamic_mask_head",
+    "dynamic_mask_head_num_params",
+    "parse_dynamic_params",
+    "dynamic_kernel_product",
+]

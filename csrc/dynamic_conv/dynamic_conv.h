@@ -1,0 +1,251 @@
+// Per-element math of the instance-aware dynamic convolutions, shared by the CPU
+// (dynamic_conv_cpu.cpp) and CUDA (dynamic_conv_cuda.cu) implementations.
+//
+// Every function is a template on the value type T: a scalar on CUDA (one thread, one
+// pixel) and in the CPU tail loops, or a Pack of lanes (csrc/core/pack.h) in the CPU main
+// loops. S is the storage scalar of weights and parameters.
+//
+// Two op families:
+//  * instance_aware_conv (PointINS): every instance r has its own (B, E, d, d) weights
+//    applied to its own (E, H, W) input.
+//  * dynamic_mask_head (CondInst; SparseInst is the one-layer case): every instance r has a
+//    flat parameter vector for a stack of 1x1 layers with ReLU between them, applied at
+//    every pixel of the mask features of its image, optionally with two relative
+//    coordinate channels prepended.
+#pragma once
+#include <cstdint>
+
+#include "core/lanes.h"
+
+namespace d2seg {
+
+// ---------------------------------------------------------------------------------------
+// instance_aware_conv
+// ---------------------------------------------------------------------------------------
+
+// One output value: bias + sum_{e, ky, kx} w[e, ky, kx] * in(e, ky, kx), where w points at
+// the (E, d, d) weights of one output channel and in(e, ky, kx) returns the input at
+// (y + ky - d/2, x + kx - d/2) of channel e (zero outside the image).
+template <typename T, typename S, typename Input>
+D2SEG_HOST_DEVICE inline T instance_conv_output(const S* w, S bias, int E, int d,
+                                                const Input& in) {
+  T acc = Lanes<T>::splat(bias);
+  for (int e = 0; e < E; ++e) {
+    for (int ky = 0; ky < d; ++ky) {
+      for (int kx = 0; kx < d; ++kx) {
+        acc = acc + Lanes<T>::splat(w[(e * d + ky) * d + kx]) * in(e, ky, kx);
+      }
+    }
+  }
+  return acc;
+}
+
+// Gradient of the input channel e at one pixel: sum_{b, ky, kx} w[b, e, ky, kx] *
+// go(b, ky, kx), where w points at the instance's (B, E, d, d) weights and go(b, ky, kx)
+// returns the output gradient at (y - ky + d/2, x - kx + d/2) of channel b (zero outside).
+template <typename T, typename S, typename GradOut>
+D2SEG_HOST_DEVICE inline T instance_conv_grad_input(const S* w, int B, int E, int d, int e,
+                                                    const GradOut& go) {
+  T acc = Lanes<T>::splat(S(0));
+  for (int b = 0; b < B; ++b) {
+    const S* wb = w + ((int64_t)b * E + e) * d * d;
+    for (int ky = 0; ky < d; ++ky) {
+      for (int kx = 0; kx < d; ++kx) {
+        acc = acc + Lanes<T>::splat(wb[ky * d + kx]) * go(b, ky, kx);
+      }
+    }
+  }
+  return acc;
+}
+
+// Accumulates one pixel's contribution to the weight gradient of one output channel:
+// acc[(e * d + ky) * d + kx] += g * in(e, ky, kx), with in as in instance_conv_output.
+template <typename T, typename Input>
+D2SEG_HOST_DEVICE inline void instance_conv_grad_weight_pixel(T g, int E, int d,
+                                                              const Input& in, T* acc) {
+  for (int e = 0; e < E; ++e) {
+    for (int ky = 0; ky < d; ++ky) {
+      for (int kx = 0; kx < d; ++kx) {
+        const int k = (e * d + ky) * d + kx;
+        acc[k] = acc[k] + g * in(e, ky, kx);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// dynamic_mask_head
+// ---------------------------------------------------------------------------------------
+
+constexpr int kDynMaxLayers = 8;
+constexpr int kDynMaxChannels = 32;
+
+// Where each layer's weights and biases sit in an instance's flat parameter vector, in
+// AdelaiDet CondInst's layout: all layers' weights first (layer l as (out, in) row-major),
+// then all layers' biases. The last layer has one output channel.
+struct DynLayout {
+  int num_layers;
+  int in_channels;  // inputs of the first layer: C, plus 2 with relative coordinates
+  int channels;     // width of the hidden layers
+  int weight_offset[kDynMaxLayers];
+  int bias_offset[kDynMaxLayers];
+  int total;        // number of parameters per instance
+
+  D2SEG_HOST_DEVICE int layer_in(int l) const { return l == 0 ? in_channels : channels; }
+  D2SEG_HOST_DEVICE int layer_out(int l) const { return l == num_layers - 1 ? 1 : channels; }
+};
+
+D2SEG_HOST_DEVICE inline DynLayout make_dyn_layout(int in_channels, int channels,
+                                                   int num_layers) {
+  DynLayout L;
+  L.num_layers = num_layers;
+  L.in_channels = in_channels;
+  L.channels = channels;
+  int off = 0;
+  for (int l = 0; l < num_layers; ++l) {
+    L.weight_offset[l] = off;
+    off += L.layer_in(l) * L.layer_out(l);
+  }
+  for (int l = 0; l < num_layers; ++l) {
+    L.bias_offset[l] = off;
+    off += L.layer_out(l);
+  }
+  for (int l = num_layers; l < kDynMaxLayers; ++l) L.weight_offset[l] = L.bias_offset[l] = off;
+  L.total = off;
+  return L;
+}
+
+// Relative coordinate of one pixel index along one axis, as AdelaiDet computes it:
+// (instance_location - (index * stride + stride // 2)) / scale.
+template <typename S>
+D2SEG_HOST_DEVICE inline S dyn_relative_coord(S location, int64_t index, int64_t stride,
+                                              S scale) {
+  return (location - static_cast<S>(index * stride + stride / 2)) / scale;
+}
+
+// Input of the first layer at one pixel (or a pack of pixels): the rel relative-coordinate
+// channels (0 or 2: x then y) followed by the C feature channels, stride apart from feat.
+template <typename T, typename S>
+struct DynPixelInput {
+  const S* feat;
+  int64_t stride;
+  int rel;
+  T rel_x, rel_y;
+  D2SEG_HOST_DEVICE inline T operator()(int c) const {
+    if (c < rel) return c == 0 ? rel_x : rel_y;
+    return Lanes<T>::load(feat + (int64_t)(c - rel) * stride);
+  }
+};
+
+// Width of the hidden layers: the compile-time CH when it is positive (the CondInst
+// default 8 gets unrolled loops and registers), else the runtime value.
+template <int CH>
+D2SEG_HOST_DEVICE inline int dyn_width(const DynLayout& L) {
+  return CH > 0 ? CH : L.channels;
+}
+template <int CH>
+struct DynArray {
+  static constexpr int size = CH > 0 ? CH : kDynMaxChannels;
+};
+
+// Hidden layer l >= 1 (not the first, not the last): out = W_l a + b_l.
+template <int CH, typename T, typename S>
+D2SEG_HOST_DEVICE inline void dyn_hidden_layer(const S* p, const DynLayout& L, int l,
+                                               const T* a, T* out) {
+  const int ch = dyn_width<CH>(L);
+  const S* w = p + L.weight_offset[l];
+  const S* b = p + L.bias_offset[l];
+  for (int j = 0; j < ch; ++j) {
+    T acc = Lanes<T>::splat(b[j]);
+    for (int i = 0; i < ch; ++i) acc = acc + Lanes<T>::splat(w[j * ch + i]) * a[i];
+    out[j] = acc;
+  }
+}
+
+// The stack at one pixel; returns the logit. When acts is not null it receives the
+// post-ReLU activations of the hidden layers, acts[l * size + j] for l < num_layers - 1.
+template <int CH, typename T, typename S, typename Input>
+D2SEG_HOST_DEVICE inline T dyn_mlp_forward(const S* p, const DynLayout& L, const Input& x,
+                                           T* acts) {
+  constexpr int N = DynArray<CH>::size;
+  const int ch = dyn_width<CH>(L);
+  const int in = L.in_channels;
+  if (L.num_layers == 1) {
+    const S* w = p + L.weight_offset[0];
+    T acc = Lanes<T>::splat(p[L.bias_offset[0]]);
+    for (int c = 0; c < in; ++c) acc = acc + Lanes<T>::splat(w[c]) * x(c);
+    return acc;
+  }
+  T h[N];
+  T z[N];
+  {
+    const S* w = p + L.weight_offset[0];
+    const S* b = p + L.bias_offset[0];
+    for (int j = 0; j < ch; ++j) h[j] = Lanes<T>::splat(b[j]);
+    for (int c = 0; c < in; ++c) {
+      const T xc = x(c);
+      for (int j = 0; j < ch; ++j) h[j] = h[j] + Lanes<T>::splat(w[j * in + c]) * xc;
+    }
+  }
+  for (int l = 1; l < L.num_layers; ++l) {
+    for (int j = 0; j < ch; ++j) {
+      h[j] = Lanes<T>::relu(h[j]);
+      if (acts) acts[(l - 1) * N + j] = h[j];
+    }
+    if (l == L.num_layers - 1) {
+      const S* w = p + L.weight_offset[l];
+      T acc = Lanes<T>::splat(p[L.bias_offset[l]]);
+      for (int i = 0; i < ch; ++i) acc = acc + Lanes<T>::splat(w[i]) * h[i];
+      return acc;
+    }
+    dyn_hidden_layer<CH>(p, L, l, h, z);
+    for (int j = 0; j < ch; ++j) h[j] = z[j];
+  }
+  return h[0];  // not reached: the last layer returns above
+}
+
+// Backward of the stack at one pixel given the logit's gradient g. Gradients are handed to
+// the sink: sink.param(k, v) for parameter k of the flat vector, sink.input(c, v) for
+// input channel c of the first layer (relative-coordinate channels included; the sink
+// drops them). The forward is recomputed here, never stored.
+template <int CH, typename T, typename S, typename Input, typename Sink>
+D2SEG_HOST_DEVICE inline void dyn_mlp_backward(const S* p, const DynLayout& L, const Input& x,
+                                               T g, Sink& sink) {
+  constexpr int N = DynArray<CH>::size;
+  const int ch = dyn_width<CH>(L);
+  const int in = L.in_channels;
+  T acts[(kDynMaxLayers - 1) * N];
+  dyn_mlp_forward<CH>(p, L, x, L.num_layers > 1 ? acts : (T*)nullptr);
+
+  T dz[N];   // gradient at the pre-activations of the current layer
+  T da[N];
+  dz[0] = g;
+  for (int l = L.num_layers - 1; l >= 0; --l) {
+    const int nout = L.layer_out(l);
+    const S* w = p + L.weight_offset[l];
+    for (int j = 0; j < nout; ++j) sink.param(L.bias_offset[l] + j, dz[j]);
+    if (l == 0) {
+      for (int c = 0; c < in; ++c) {
+        const T xc = x(c);
+        T dx = Lanes<T>::splat(S(0));
+        for (int j = 0; j < nout; ++j) {
+          sink.param(L.weight_offset[0] + j * in + c, dz[j] * xc);
+          dx = dx + Lanes<T>::splat(w[j * in + c]) * dz[j];
+        }
+        sink.input(c, dx);
+      }
+    } else {
+      const T* a = acts + (l - 1) * N;
+      for (int i = 0; i < ch; ++i) da[i] = Lanes<T>::splat(S(0));
+      for (int j = 0; j < nout; ++j) {
+        for (int i = 0; i < ch; ++i) {
+          sink.param(L.weight_offset[l] + j * ch + i, dz[j] * a[i]);
+          da[i] = da[i] + Lanes<T>::splat(w[j * ch + i]) * dz[j];
+        }
+      }
+      for (int i = 0; i < ch; ++i) dz[i] = Lanes<T>::relu_grad(da[i], a[i]);
+    }
+  }
+}
+
+}  // namespace d2seg

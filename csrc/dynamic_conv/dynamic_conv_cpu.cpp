@@ -1,0 +1,471 @@
+// CPU kernels of the dynamic convolution ops, and the ops' schemas.
+//
+// Shapes: R instances, N images, E template channels, B output channels, d kernel size,
+// C mask-feature channels, H x W pixels, P parameters per instance.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <mutex>
+#include <vector>
+
+#include "core/cpu_dispatch.h"
+#include "core/pack.h"
+#include "dynamic_conv/dynamic_conv.h"
+#include "dynamic_conv/dynamic_conv_checks.h"
+
+namespace d2seg {
+
+namespace {
+
+template <typename S, int V>
+inline void add_lanes(S* p, const Pack<S, V>& v) {
+  v.add_to(p);
+}
+template <typename S>
+inline void add_lanes(S* p, S v) {
+  *p += v;
+}
+template <typename S, int V>
+inline void store_lanes(S* p, const Pack<S, V>& v) {
+  v.store(p);
+}
+template <typename S>
+inline void store_lanes(S* p, S v) {
+  *p = v;
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls body(TypeTag<T>{}, x) over [0, n): packs of one vector width, then scalars.
+// (Packs wider than one machine vector compile to poor code, so there are none.)
+template <typename S, typename Body>
+inline void for_each_chunk(int64_t n, const Body& body) {
+  constexpr int V = pack_width<S>();
+  int64_t x = 0;
+  for (; x + V <= n; x += V) body(TypeTag<Pack<S, V>>{}, x);
+  for (; x < n; ++x) body(TypeTag<S>{}, x);
+}
+
+template <typename S, int V>
+inline S lanes_sum(const Pack<S, V>& v) {
+  return v.sum();
+}
+template <typename S>
+inline S lanes_sum(S v) {
+  return v;
+}
+
+// in(e, ky, kx) = base[e * plane + sign * (ky * row + kx)]: the window of a pixel in a
+// zero-padded plane (sign +1), or the mirrored window of the transposed convolution (-1).
+template <typename T, typename S>
+struct PlaneWindow {
+  const S* base;
+  int64_t plane;
+  int64_t row;
+  int64_t sign;
+  inline T operator()(int e, int ky, int kx) const {
+    return Lanes<T>::load(base + e * plane + sign * (ky * row + kx));
+  }
+};
+
+// Copies (E, H, W) into a zero-padded (E, H + 2 pad, W + 2 pad) buffer.
+template <typename S>
+void pad_planes(const S* src, int64_t E, int64_t H, int64_t W, int64_t pad, std::vector<S>& dst) {
+  const int64_t Hp = H + 2 * pad, Wp = W + 2 * pad;
+  dst.assign(E * Hp * Wp, S(0));
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t y = 0; y < H; ++y)
+      std::copy(src + (e * H + y) * W, src + (e * H + y + 1) * W,
+                dst.data() + (e * Hp + y + pad) * Wp + pad);
+}
+
+// ------------------------------- instance_aware_conv ------------------------------------
+
+template <typename S>
+void instance_conv_forward_cpu(const S* in, const S* w, const S* bias, S* out, int64_t R,
+                               int64_t B, int64_t E, int64_t H, int64_t W, int d) {
+  constexpr int V = pack_width<S>();
+  using P = Pack<S, V>;
+  const int64_t pad = d / 2;
+  // d == 1 reads the planes directly as one row of H*W pixels.
+  const int64_t rows = d == 1 ? 1 : H, cols = d == 1 ? H * W : W;
+  const int64_t Wp = d == 1 ? H * W : W + 2 * pad;
+  const int64_t plane = d == 1 ? H * W : (H + 2 * pad) * Wp;
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) { run_best([&] {
+    std::vector<S> padded;
+    for (int64_t r = begin; r < end; ++r) {
+      const S* src = in + r * E * H * W;
+      if (d > 1) {
+        pad_planes(src, E, H, W, pad, padded);
+        src = padded.data();
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        const S* wb = w + (r * B + b) * E * d * d;
+        const S bb = bias ? bias[r * B + b] : S(0);
+        S* o = out + (r * B + b) * H * W;
+        for (int64_t y = 0; y < rows; ++y) {
+          for_each_chunk<S>(cols, [&](auto tag, int64_t x) {
+            using T = typename decltype(tag)::type;
+            PlaneWindow<T, S> win{src + y * Wp + x, plane, Wp, 1};
+            store_lanes(o + y * cols + x, instance_conv_output<T>(wb, bb, (int)E, d, win));
+          });
+        }
+      }
+    }
+  }); });
+}
+
+template <typename S>
+void instance_conv_backward_cpu(const S* go, const S* in, const S* w, S* gin, S* gw, S* gb,
+                                int64_t R, int64_t B, int64_t E, int64_t H, int64_t W, int d) {
+  constexpr int V = pack_width<S>();
+  using P = Pack<S, V>;
+  const int64_t pad = d / 2;
+  const int64_t rows = d == 1 ? 1 : H, cols = d == 1 ? H * W : W;
+  const int64_t Wp = d == 1 ? H * W : W + 2 * pad;
+  const int64_t plane = d == 1 ? H * W : (H + 2 * pad) * Wp;
+  const int K = (int)(E * d * d);
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) { run_best([&] {
+    std::vector<S> padded_in, padded_go;
+    std::vector<P> acc(K);
+    std::vector<S> acc_s(K);
+    for (int64_t r = begin; r < end; ++r) {
+      const S* src = in + r * E * H * W;
+      const S* gsrc = go + r * B * H * W;
+      const S* wr = w + r * B * E * d * d;
+      if (d > 1) {
+        pad_planes(src, E, H, W, pad, padded_in);
+        src = padded_in.data();
+        pad_planes(gsrc, B, H, W, pad, padded_go);
+      }
+      // Input gradient: the transposed convolution of the output gradient.
+      for (int64_t e = 0; e < E; ++e) {
+        S* gi = gin + (r * E + e) * H * W;
+        for (int64_t y = 0; y < rows; ++y) {
+          for_each_chunk<S>(cols, [&](auto tag, int64_t x) {
+            using T = typename decltype(tag)::type;
+            // In the padded output gradient the mirrored window of (y, x) starts at
+            // (y + 2 pad, x + 2 pad) and walks back by (ky, kx).
+            const S* base = d > 1 ? padded_go.data() + (y + 2 * pad) * Wp + x + 2 * pad
+                                  : gsrc + y * Wp + x;
+            PlaneWindow<T, S> win{base, plane, Wp, -1};
+            store_lanes(gi + y * cols + x,
+                        instance_conv_grad_input<T>(wr, (int)B, (int)E, d, (int)e, win));
+          });
+        }
+      }
+      // Weight and bias gradients: reductions over the pixels of each output channel.
+      for (int64_t b = 0; b < B; ++b) {
+        const S* g = gsrc + b * H * W;
+        std::fill(acc.begin(), acc.end(), P(S(0)));
+        std::fill(acc_s.begin(), acc_s.end(), S(0));
+        P gsum(S(0));
+        S gsum_s = 0;
+        for (int64_t y = 0; y < H; ++y) {
+          int64_t x = 0;
+          for (; x + V <= W; x += V) {
+            const P gv = P::load(g + y * W + x);
+            gsum += gv;
+            const S* base = d > 1 ? src + y * Wp + x : src + y * W + x;
+            PlaneWindow<P, S> win{base, plane, d > 1 ? Wp : W, 1};
+            instance_conv_grad_weight_pixel(gv, (int)E, d, win, acc.data());
+          }
+          for (; x < W; ++x) {
+            const S gv = g[y * W + x];
+            gsum_s += gv;
+            const S* base = d > 1 ? src + y * Wp + x : src + y * W + x;
+            PlaneWindow<S, S> win{base, plane, d > 1 ? Wp : W, 1};
+            instance_conv_grad_weight_pixel(gv, (int)E, d, win, acc_s.data());
+          }
+        }
+        S* gwb = gw + (r * B + b) * K;
+        for (int k = 0; k < K; ++k) gwb[k] = acc[k].sum() + acc_s[k];
+        gb[r * B + b] = gsum.sum() + gsum_s;
+      }
+    }
+  }); });
+}
+
+// --------------------------------- dynamic_mask_head ------------------------------------
+
+template <typename S>
+struct DynProblem {
+  const S* feat;      // (N, C, H, W)
+  const int64_t* inds;  // (R,)
+  const S* params;    // (R, P)
+  const S* locs;      // (R, 2) or null
+  const S* scales;    // (R,) or null
+  int64_t R, N, C, H, W, stride;
+  DynLayout L;
+  bool rel() const { return locs != nullptr; }
+  S scale(int64_t r) const { return scales ? scales[r] : S(1); }
+  void relative_x(int64_t r, std::vector<S>& relx) const {
+    relx.assign(W + pack_width<S>(), S(0));
+    if (!rel()) return;
+    for (int64_t x = 0; x < W; ++x) relx[x] = dyn_relative_coord(locs[2 * r], x, stride, scale(r));
+  }
+  S relative_y(int64_t r, int64_t y) const {
+    return rel() ? dyn_relative_coord(locs[2 * r + 1], y, stride, scale(r)) : S(0);
+  }
+};
+
+template <int CH, typename S>
+void dyn_forward_cpu(const DynProblem<S>& pb, S* out) {
+  constexpr int V = pack_width<S>();
+  using P = Pack<S, V>;
+  const int64_t H = pb.H, W = pb.W, HW = H * W;
+  const int rel = pb.rel() ? 2 : 0;
+  at::parallel_for(0, pb.R * H, 4, [&](int64_t begin, int64_t end) { run_best([&] {
+    std::vector<S> relx;
+    int64_t last_r = -1;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = t / H, y = t % H;
+      if (r != last_r) pb.relative_x(r, relx), last_r = r;
+      const S rely = pb.relative_y(r, y);
+      const S* p = pb.params + r * pb.L.total;
+      const S* f = pb.feat + pb.inds[r] * pb.C * HW + y * W;
+      S* o = out + r * HW + y * W;
+      int64_t x = 0;
+      for (; x + V <= W; x += V) {
+        DynPixelInput<P, S> in{f + x, HW, rel, P::load(relx.data() + x), P(rely)};
+        dyn_mlp_forward<CH>(p, pb.L, in, (P*)nullptr).store(o + x);
+      }
+      for (; x < W; ++x) {
+        DynPixelInput<S, S> in{f + x, HW, rel, relx[x], rely};
+        o[x] = dyn_mlp_forward<CH>(p, pb.L, in, (S*)nullptr);
+      }
+    }
+  }); });
+}
+
+template <typename T, typename S>
+struct CpuDynSink {
+  T* acc;         // parameter gradient accumulators
+  S* grad_in;     // input gradient at this pixel, channel 0 (stride apart)
+  int64_t stride;
+  int rel;
+  inline void param(int k, const T& v) { acc[k] += v; }
+  inline void input(int c, const T& v) {
+    if (c >= rel) add_lanes(grad_in + (int64_t)(c - rel) * stride, v);
+  }
+};
+
+// Each task owns a band of rows of one image, so the mask-feature gradient has one writer;
+// parameter gradients are summed per task and added under a lock.
+template <int CH, typename S>
+void dyn_backward_cpu(const DynProblem<S>& pb, const S* go, S* grad_feat, S* grad_params) {
+  constexpr int V = pack_width<S>();
+  using P = Pack<S, V>;
+  const int64_t H = pb.H, W = pb.W, HW = H * W, total = pb.L.total;
+  const int rel = pb.rel() ? 2 : 0;
+  // instances of each image
+  std::vector<std::vector<int64_t>> of_image(pb.N);
+  for (int64_t r = 0; r < pb.R; ++r) of_image[pb.inds[r]].push_back(r);
+  const int64_t band = 8;
+  const int64_t nbands = (H + band - 1) / band;
+  std::mutex lock;
+  at::parallel_for(0, pb.N * nbands, 1, [&](int64_t begin, int64_t end) { run_best([&] {
+    std::vector<S> gp(pb.R * total, S(0));
+    std::vector<P> acc(total);
+    std::vector<S> acc_s(total);
+    std::vector<S> relx;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / nbands;
+      const int64_t y0 = (t % nbands) * band, y1 = std::min(H, y0 + band);
+      for (int64_t r : of_image[n]) {
+        pb.relative_x(r, relx);
+        const S* p = pb.params + r * total;
+        std::fill(acc.begin(), acc.end(), P(S(0)));
+        std::fill(acc_s.begin(), acc_s.end(), S(0));
+        CpuDynSink<P, S> sink{acc.data(), nullptr, HW, rel};
+        CpuDynSink<S, S> sink_s{acc_s.data(), nullptr, HW, rel};
+        for (int64_t y = y0; y < y1; ++y) {
+          const S rely = pb.relative_y(r, y);
+          const S* f = pb.feat + n * pb.C * HW + y * W;
+          const S* g = go + r * HW + y * W;
+          S* gf = grad_feat + n * pb.C * HW + y * W;
+          int64_t x = 0;
+          for (; x + V <= W; x += V) {
+            DynPixelInput<P, S> in{f + x, HW, rel, P::load(relx.data() + x), P(rely)};
+            sink.grad_in = gf + x;
+            dyn_mlp_backward<CH>(p, pb.L, in, P::load(g + x), sink);
+          }
+          for (; x < W; ++x) {
+            DynPixelInput<S, S> in{f + x, HW, rel, relx[x], rely};
+            sink_s.grad_in = gf + x;
+            dyn_mlp_backward<CH>(p, pb.L, in, g[x], sink_s);
+          }
+        }
+        S* gpr = gp.data() + r * total;
+        for (int64_t k = 0; k < total; ++k) gpr[k] += acc[k].sum() + acc_s[k];
+      }
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    for (int64_t i = 0; i < pb.R * total; ++i) grad_params[i] += gp[i];
+  }); });
+}
+
+template <typename S>
+DynProblem<S> make_problem(const at::Tensor& feat, const at::Tensor& inds,
+                           const at::Tensor& params, const at::Tensor& locs,
+                           const at::Tensor& scales, const DynLayout& L, int64_t stride) {
+  DynProblem<S> pb;
+  pb.feat = feat.data_ptr<S>();
+  pb.inds = inds.data_ptr<int64_t>();
+  pb.params = params.data_ptr<S>();
+  pb.locs = locs.defined() ? locs.data_ptr<S>() : nullptr;
+  pb.scales = scales.defined() ? scales.data_ptr<S>() : nullptr;
+  pb.R = params.size(0);
+  pb.N = feat.size(0);
+  pb.C = feat.size(1);
+  pb.H = feat.size(2);
+  pb.W = feat.size(3);
+  pb.stride = stride;
+  pb.L = L;
+  return pb;
+}
+
+at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+void check_image_indices(const at::Tensor& inds, int64_t N) {
+  if (inds.numel() == 0) return;
+  const int64_t lo = inds.min().item<int64_t>(), hi = inds.max().item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < N, "dynamic_mask_head: im_inds must be in [0, N) with N = ", N,
+              " images, got values in [", lo, ", ", hi, "]");
+}
+
+}  // namespace
+
+at::Tensor instance_aware_conv_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                   const c10::optional<at::Tensor>& bias) {
+  check_instance_aware_conv_args(input, weight, bias);
+  auto x = input.contiguous();
+  auto w = weight.contiguous();
+  auto b = contiguous_or_undefined(bias);
+  const int64_t R = x.size(0), E = x.size(1), H = x.size(2), W = x.size(3), B = w.size(1);
+  auto out = at::empty({R, B, H, W}, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "instance_aware_conv_cpu", [&] {
+    instance_conv_forward_cpu<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                        b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                                        out.data_ptr<scalar_t>(), R, B, E, H, W,
+                                        (int)w.size(3));
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight) {
+  check_instance_aware_conv_args(input, weight, c10::nullopt);
+  const int64_t R = input.size(0), E = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t B = weight.size(1);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({R, B, H, W}),
+              "instance_aware_conv_backward: grad_out must be ", at::IntArrayRef({R, B, H, W}),
+              ", got ", grad_out.sizes());
+  auto go = grad_out.contiguous();
+  auto x = input.contiguous();
+  auto w = weight.contiguous();
+  auto gin = at::zeros_like(x);
+  auto gw = at::zeros_like(w);
+  auto gb = at::zeros({R, B}, x.options());
+  if (go.numel() == 0) return {gin, gw, gb};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "instance_aware_conv_backward_cpu", [&] {
+    instance_conv_backward_cpu<scalar_t>(go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                         w.data_ptr<scalar_t>(), gin.data_ptr<scalar_t>(),
+                                         gw.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), R, B,
+                                         E, H, W, (int)w.size(3));
+  });
+  return {gin, gw, gb};
+}
+
+at::Tensor dynamic_mask_head_cpu(const at::Tensor& mask_feats, const at::Tensor& im_inds,
+                                 const at::Tensor& params,
+                                 const c10::optional<at::Tensor>& instance_locations,
+                                 const c10::optional<at::Tensor>& scales, int64_t channels,
+                                 int64_t num_layers, int64_t stride) {
+  const DynLayout L = check_dynamic_mask_head_args(mask_feats, im_inds, params,
+                                                   instance_locations, scales, channels,
+                                                   num_layers, stride);
+  check_image_indices(im_inds, mask_feats.size(0));
+  auto feat = mask_feats.contiguous();
+  auto inds = im_inds.contiguous();
+  auto prm = params.contiguous();
+  auto locs = contiguous_or_undefined(instance_locations);
+  auto sc = contiguous_or_undefined(scales);
+  const int64_t R = prm.size(0), H = feat.size(2), W = feat.size(3);
+  auto out = at::empty({R, 1, H, W}, feat.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "dynamic_mask_head_cpu", [&] {
+    auto pb = make_problem<scalar_t>(feat, inds, prm, locs, sc, L, stride);
+    if (channels == 8)
+      dyn_forward_cpu<8>(pb, out.data_ptr<scalar_t>());
+    else
+      dyn_forward_cpu<0>(pb, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> dynamic_mask_head_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& mask_feats, const at::Tensor& im_inds,
+    const at::Tensor& params, const c10::optional<at::Tensor>& instance_locations,
+    const c10::optional<at::Tensor>& scales, int64_t channels, int64_t num_layers,
+    int64_t stride) {
+  const DynLayout L = check_dynamic_mask_head_args(mask_feats, im_inds, params,
+                                                   instance_locations, scales, channels,
+                                                   num_layers, stride);
+  check_image_indices(im_inds, mask_feats.size(0));
+  const int64_t R = params.size(0), H = mask_feats.size(2), W = mask_feats.size(3);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({R, 1, H, W}),
+              "dynamic_mask_head_backward: grad_out must be ", at::IntArrayRef({R, 1, H, W}),
+              ", got ", grad_out.sizes());
+  auto go = grad_out.contiguous();
+  auto feat = mask_feats.contiguous();
+  auto inds = im_inds.contiguous();
+  auto prm = params.contiguous();
+  auto locs = contiguous_or_undefined(instance_locations);
+  auto sc = contiguous_or_undefined(scales);
+  auto grad_feat = at::zeros_like(feat);
+  auto grad_params = at::zeros_like(prm);
+  if (go.numel() == 0) return {grad_feat, grad_params};
+  AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "dynamic_mask_head_backward_cpu", [&] {
+    auto pb = make_problem<scalar_t>(feat, inds, prm, locs, sc, L, stride);
+    if (channels == 8)
+      dyn_backward_cpu<8>(pb, go.data_ptr<scalar_t>(), grad_feat.data_ptr<scalar_t>(),
+                          grad_params.data_ptr<scalar_t>());
+    else
+      dyn_backward_cpu<0>(pb, go.data_ptr<scalar_t>(), grad_feat.data_ptr<scalar_t>(),
+                          grad_params.data_ptr<scalar_t>());
+  });
+  return {grad_feat, grad_params};
+}
+
+TORCH_LIBRARY_FRAGMENT(d2seg, m) {
+  m.def("instance_aware_conv(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "instance_aware_conv_backward(Tensor grad_out, Tensor input, Tensor weight) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def(
+      "dynamic_mask_head(Tensor mask_feats, Tensor im_inds, Tensor params, "
+      "Tensor? instance_locations, Tensor? scales, int channels, int num_layers, "
+      "int stride) -> Tensor");
+  m.def(
+      "dynamic_mask_head_backward(Tensor grad_out, Tensor mask_feats, Tensor im_inds, "
+      "Tensor params, Tensor? instance_locations, Tensor? scales, int channels, "
+      "int num_layers, int stride) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(d2seg, CPU, m) {
+  m.impl("instance_aware_conv", &instance_aware_conv_cpu);
+  m.impl("instance_aware_conv_backward", &instance_aware_conv_backward_cpu);
+  m.impl("dynamic_mask_head", &dynamic_mask_head_cpu);
+  m.impl("dynamic_mask_head_backward", &dynamic_mask_head_backward_cpu);
+}
+
+}  // namespace d2seg
