@@ -182,3 +182,32 @@ def test_solov2_parameter_names_match_adelaidet():
                      "mask_head.conv_pred.1.weight": (256,),
                      "mask_head.conv_pred.1.bias": (256,)})
     assert {k: tuple(v) for k, v in sd.items()} == expected
+
+
+def test_postprocess_maskness_area_filter_and_mask_nms():
+    from d2seg.solo.inference import InferenceParams, postprocess_candidates
+
+    probs = torch.full((4, 8, 8), 0.1)
+    probs[0, 2:6, 2:6] = 0.9  # A: class 0, score 0.8 -> 0.8 * 0.9
+    probs[1, 2:6, 2:6] = 0.6  # B: same mask, class 0, score 0.9 -> 0.54: removed by A
+    probs[2, 0, 0] = 0.7  # C: 1 pixel, not larger than its min area 1: dropped
+    probs[3, 2:6, 2:6] = 0.8  # D: same mask, other class: kept, 0.5 * 0.8
+    scores = torch.tensor([0.8, 0.9, 0.95, 0.5])
+    classes = torch.tensor([0, 0, 0, 1])
+    min_areas = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    r = postprocess_candidates(probs, scores, classes, min_areas, InferenceParams(),
+                               (8, 8), (8, 8), (16, 16))
+    assert r.scores.tolist() == pytest.approx([0.72, 0.4])
+    assert r.pred_classes.tolist() == [0, 1]
+    # pasted x2 bilinearly: the 4x4 block becomes 8x8 (D, 0.8 vs 0.1, loses its corners)
+    assert r.pred_masks.shape == (2, 16, 16) and r.pred_masks[:, 5:11, 4:12].all()
+    assert r.pred_masks[0].sum().item() == 64 and r.pred_masks[1].sum().item() == 60
+    assert r.pred_boxes.tensor.tolist() == [[4.0, 4.0, 12.0, 12.0]] * 2
+    # Matrix NMS instead: B is decayed by exp(-2) (IoU 1 with A), then kept above 0.05
+    r = postprocess_candidates(probs, scores, classes, min_areas,
+                               InferenceParams(nms_type="matrix"), (8, 8), (8, 8), (8, 8))
+    assert r.scores.tolist() == pytest.approx([0.72, 0.4, 0.54 * float(torch.exp(torch.tensor(-2.0)))])
+    # nothing above the mask threshold -> empty result with all fields
+    r = postprocess_candidates(probs * 0, scores, classes, min_areas, InferenceParams(),
+                               (8, 8), (8, 8), (5, 7))
+    assert len(r) == 0 and r.pred_masks.shape == (0, 5, 7) and r.pred_boxes.tensor.shape == (0, 4)
