@@ -449,3 +449,46 @@ def test_semantic_head_training_and_inference_to_input_resolution():
     assert logits.shape == (2, K, 64, 96)  # stride 4 -> 2 steps -> input resolution
     assert calls == [100, 100]
 
+
+
+def test_semantic_head_on_deeplabv3():
+    torch.manual_seed(0)
+    cfg = _sem_cfg()
+    cfg.MODEL.POINTREND.SEM_SEG.COARSE_HEAD_NAME = "DeepLabV3Head"
+    cfg.MODEL.POINTREND.IN_FEATURES = ("res2",)
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res5"]
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS = 16
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 16
+    cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 16
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "cross_entropy"
+    cfg.INPUT.CROP.ENABLED = False
+    shapes = {"res2": ShapeSpec(channels=C, stride=4), "res5": ShapeSpec(channels=C, stride=16)}
+    head = D2SegPointRendSemSegHead(cfg, shapes)
+    feats = {"res2": torch.randn(1, C, 16, 16), "res5": torch.randn(1, C, 4, 4)}
+    head.train()
+    _, losses = head(feats, torch.randint(0, K, (1, 64, 64)))
+    assert set(losses) == {"loss_sem_seg", "loss_sem_seg_point"}
+    head.eval()
+    with torch.no_grad():
+        logits, _ = head(feats)
+    assert logits.shape == (1, K, 64, 64)  # stride 16 -> 4 steps
+
+
+def test_every_pointrend_config_merges():
+    import glob
+    import os
+
+    from d2seg.engine import setup_cfg
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "PointRend")
+    files = sorted(glob.glob(os.path.join(root, "*.yaml")))
+    assert len(files) >= 15
+    for f in files:
+        cfg = setup_cfg(f, [], freeze=False)
+        if "Semantic" in f or "semantic" in f:
+            assert cfg.MODEL.SEM_SEG_HEAD.NAME == "D2SegPointRendSemSegHead"
+        else:
+            assert cfg.MODEL.ROI_MASK_HEAD.NAME == "D2SegPointRendMaskHead"
+    shapes = setup_cfg(os.path.join(root, "pointrend_rcnn_R18_shapes.yaml"), [], freeze=False)
+    model = build_model(shapes)
+    assert type(model.roi_heads.mask_head).__name__ == "D2SegPointRendMaskHead"

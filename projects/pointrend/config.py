@@ -61,3 +61,13 @@ def add_d2seg_pointrend_config(cfg):
     pr.SEM_SEG.SUBDIVISION_NUM_POINTS = 8096
     # -1: subdivide until the prediction has the input's resolution.
     pr.SEM_SEG.SUBDIVISION_STEPS = -1
+
+    # DeepLabV3 as the coarse semantic head needs Detectron2's DeepLab project keys
+    # (SEM_SEG_HEAD.ASPP_*, RESNETS.STEM_TYPE, ...); they only add keys read by DeepLab's
+    # own modules.
+    if "ASPP_CHANNELS" not in cfg.MODEL.SEM_SEG_HEAD:
+        try:
+            from detectron2.projects.deeplab import add_deeplab_config
+        except ImportError:  # pragma: no cover - DeepLab project not installed
+            return
+        add_deeplab_config(cfg)
