@@ -492,3 +492,49 @@ def test_every_pointrend_config_merges():
     shapes = setup_cfg(os.path.join(root, "pointrend_rcnn_R18_shapes.yaml"), [], freeze=False)
     model = build_model(shapes)
     assert type(model.roi_heads.mask_head).__name__ == "D2SegPointRendMaskHead"
+
+
+# ----------------------------------------------------------------------------- plug-in refiner
+def test_refiner_on_sparseinst_trains_and_refines(monkeypatch):
+    import os
+
+    from d2seg.engine import setup_cfg
+    from d2seg.pointrend.refine import masks_to_boxes_xyxy
+
+    pytest.importorskip("d2seg.sparseinst")
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "PointRend")
+    cfg = setup_cfg(os.path.join(root, "pointrend_sparseinst_r18_giam_shapes.yaml"),
+                    ["MODEL.SPARSE_INST.DECODER.NUM_MASKS", "8", "MODEL.SPARSE_INST.CLS_THRESHOLD", "0.0"],
+                    freeze=False)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    inst = _proposals(2)
+    gt = Instances((64, 64), gt_boxes=inst.proposal_boxes, gt_classes=inst.gt_classes, gt_masks=inst.gt_masks)
+    empty = Instances((64, 64), gt_boxes=Boxes(torch.zeros(0, 4)), gt_classes=torch.zeros(0, dtype=torch.long),
+                      gt_masks=BitMasks(torch.zeros(0, 64, 64, dtype=torch.bool)))
+    batch = [{"image": torch.rand(3, 64, 64) * 255, "instances": gt},
+             {"image": torch.rand(3, 64, 64) * 255, "instances": empty}]
+    with EventStorage():
+        losses = model(batch)
+    assert losses["loss_mask_point_refine"] > 0 and "loss_dice" in losses
+    sum(losses.values()).backward()
+    assert model.refiner.point_head.fc1.weight.grad.abs().sum() > 0
+    # inference: every kept mask is refined from 16x16 to 64x64 (2 steps), N points each
+    model.eval()
+    steps = []
+    orig = model.refiner.point_head.forward
+
+    def count(fine, coarse, *a, **k):
+        steps.append(fine.shape)
+        return orig(fine, coarse, *a, **k)
+
+    monkeypatch.setattr(model.refiner.point_head, "forward", count)
+    with torch.no_grad():
+        out = model([{"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64}])
+    assert out[0]["instances"].pred_masks.shape[-2:] == (64, 64)
+    assert len(steps) == 2 and steps[0][-1] == 784 and steps[0][1] == 64  # res2 of R-18: 64 ch
+    # ground-truth boxes for the sampler: tight box scaled about its centre, clipped
+    m = torch.zeros(1, 10, 10)
+    m[0, 2:6, 4:8] = 1
+    torch.testing.assert_close(masks_to_boxes_xyxy(m, 1.0), torch.tensor([[4.0, 2.0, 8.0, 6.0]]))
+    torch.testing.assert_close(masks_to_boxes_xyxy(m, 2.0), torch.tensor([[2.0, 0.0, 10.0, 8.0]]))

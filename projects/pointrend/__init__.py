@@ -5,6 +5,7 @@ Registered names (none collides with Detectron2's own PointRend project):
     ROI_HEADS_REGISTRY:      D2SegPointRendROIHeads
     ROI_MASK_HEAD_REGISTRY:  D2SegPointRendMaskHead
     SEM_SEG_HEADS_REGISTRY:  D2SegPointRendSemSegHead
+    META_ARCH_REGISTRY:      D2SegPointRendSparseInst (SparseInst + PointRend refinement)
     d2seg's point heads:     PointRendMLPPointHead
 Config keys: MODEL.POINTREND.* (config.py).
 """
@@ -15,6 +16,7 @@ from .mask_head import D2SegPointRendMaskHead
 from .point_head import POINTREND_POINT_HEAD_REGISTRY, PointRendMLPPointHead, build_pointrend_point_head
 from .point_ops import compiled_ops_in_use, point_sample
 from .point_selection import regular_grid_points, sample_training_points, uncertain_points_on_grid
+from .refine import D2SegPointRendSparseInst, PointRendMaskRefiner
 from .roi_heads import D2SegPointRendROIHeads
 from .semantic_seg import D2SegPointRendSemSegHead
 from .subdivision import subdivide, subdivision_steps_for
@@ -34,6 +36,8 @@ __all__ = [
     "sample_training_points",
     "uncertain_points_on_grid",
     "D2SegPointRendROIHeads",
+    "D2SegPointRendSparseInst",
+    "PointRendMaskRefiner",
     "D2SegPointRendSemSegHead",
     "subdivide",
     "subdivision_steps_for",

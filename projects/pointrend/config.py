@@ -62,6 +62,17 @@ def add_d2seg_pointrend_config(cfg):
     # -1: subdivide until the prediction has the input's resolution.
     pr.SEM_SEG.SUBDIVISION_STEPS = -1
 
+    # Plug-in refinement of another detector's image-level masks (refine.py), e.g.
+    # META_ARCHITECTURE "D2SegPointRendSparseInst": fine features, training points per
+    # instance (drawn in its ground-truth box scaled by BOX_SCALE), points per subdivision
+    # step and steps (-1: until the input resolution).
+    pr.REFINE = CN()
+    pr.REFINE.IN_FEATURES = ("res2",)
+    pr.REFINE.TRAIN_NUM_POINTS = 14 * 14
+    pr.REFINE.BOX_SCALE = 1.2
+    pr.REFINE.SUBDIVISION_NUM_POINTS = 28 * 28
+    pr.REFINE.SUBDIVISION_STEPS = -1
+
     # DeepLabV3 as the coarse semantic head needs Detectron2's DeepLab project keys
     # (SEM_SEG_HEAD.ASPP_*, RESNETS.STEM_TYPE, ...); they only add keys read by DeepLab's
     # own modules.
