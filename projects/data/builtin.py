@@ -53,7 +53,7 @@ def register_shapes(name, split, num_images, image_size, seed, root=None):
         )
     root = datasets_root() if root is None else os.fspath(root)
     _, json_file, image_root = shapes_paths(root, split, num_images, image_size, seed)
-    _replace_registration(name)
+    _replace_registration(name, announce=False)
     DatasetCatalog.register(
         name, lambda: _load_shapes(name, split, num_images, image_size, seed, root)
     )

@@ -216,9 +216,11 @@ def load_coco_checked(json_file, image_root, dataset_name=None):
     return records
 
 
-def _replace_registration(name):
+def _replace_registration(name, announce=True):
+    """Remove ``name`` from DatasetCatalog and MetadataCatalog if it is there."""
     if name in DatasetCatalog.list():
-        logger.info(f"Data set '{name}' was registered already; replacing it")
+        if announce:
+            logger.info(f"Data set '{name}' was registered already; replacing it")
         DatasetCatalog.remove(name)
     if name in MetadataCatalog.list():
         MetadataCatalog.remove(name)
