@@ -1,0 +1,242 @@
+"""CondInst (Tian, Shen, Chen, ECCV 2020) as a mask head of d2seg's OneStageDetector.
+
+Per positive location / detection, a controller on FCOS's box tower predicts the
+parameters of a tiny fully convolutional mask head (3 layers of 1x1 convs, 8 channels:
+169 numbers); that head runs on the image's mask-branch features plus two relative-
+coordinate channels (computed inside the fused op ``d2seg.layers.dynamic_mask_head``) and
+gives the instance's whole-image mask at 1/8, upsampled to 1/4 (``MASK_OUT_STRIDE``).
+
+Shape shorthand:
+    N: images, Hp, Wp: padded input size, Hs, Ws = Hp/8, Wp/8 (mask features),
+    Ho, Wo = Hp/4, Wp/4 (mask output), F: mask-feature channels, P: dynamic parameters
+    per instance (169), R: instances (sampled positives or detections), G: GT instances.
+"""
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import BitMasks, ImageList, Instances, PolygonMasks
+from detectron2.structures.masks import polygons_to_bitmask
+
+from d2seg.fcos import ONE_STAGE_MASK_HEAD_REGISTRY, OneStageMaskHead
+from d2seg.layers import dynamic_mask_head, dynamic_mask_head_num_params
+
+from .mask_branch import MaskBranch, aligned_upsample, semantic_targets
+
+__all__ = ["CondInstMaskHead", "dice_loss", "gt_bitmasks_padded", "sizes_of_interest_per_level"]
+
+
+def dice_loss(probs: Tensor, targets: Tensor, eps: float = 1e-5) -> Tensor:
+    """(R,) 1 - 2|X.Y| / (|X|^2 + |Y|^2) per instance; probs, targets (R, ...)."""
+    x, y = probs.flatten(1), targets.flatten(1).to(probs.dtype)
+    inter = (x * y).sum(1)
+    union = (x * x).sum(1) + (y * y).sum(1) + eps
+    return 1.0 - 2.0 * inter / union
+
+
+def gt_bitmasks_padded(instances: Instances, padded_hw) -> Tensor:
+    """(G, Hp, Wp) float 0/1 masks of ``instances.gt_masks`` (BitMasks or PolygonMasks),
+    zero-padded to the batch's padded size."""
+    Hp, Wp = padded_hw
+    h, w = instances.image_size
+    if not instances.has("gt_masks"):
+        raise ValueError("CondInst training needs gt_masks in every image's instances (INPUT.MASK_FORMAT / MASK_ON).")
+    gm = instances.gt_masks
+    if isinstance(gm, BitMasks):
+        m = gm.tensor
+    elif isinstance(gm, PolygonMasks):
+        m = torch.stack([torch.from_numpy(polygons_to_bitmask(p, h, w)) for p in gm.polygons]) if len(gm) else (
+            torch.zeros((0, h, w), dtype=torch.bool))
+    else:
+        raise ValueError(f"CondInst: unsupported gt_masks type {type(gm).__name__} (BitMasks or PolygonMasks).")
+    m = m.to(device=instances.gt_classes.device, dtype=torch.float32)
+    return F.pad(m, (0, Wp - m.shape[-1], 0, Hp - m.shape[-2]))
+
+
+def sizes_of_interest_per_level(fcos_sizes_of_interest: List[int]) -> List[float]:
+    """Per-level scale of the relative coordinates: FCOS's size bounds plus twice the last
+    (AdelaiDet's convention; [64, 128, 256, 512] -> [64, 128, 256, 512, 1024])."""
+    soi = [float(s) for s in fcos_sizes_of_interest]
+    return soi + [soi[-1] * 2]
+
+
+@ONE_STAGE_MASK_HEAD_REGISTRY.register()
+class CondInstMaskHead(OneStageMaskHead):
+    """CondInst's controller, mask branch and dynamic mask head (``MODEL.ONE_STAGE_MASK_HEAD.NAME:
+    CondInstMaskHead``). ``controller`` is the ``top_module`` that FCOS runs on its box tower."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        mask_branch: MaskBranch,
+        in_channels: int,
+        channels: int = 8,
+        num_layers: int = 3,
+        rel_coords: bool = True,
+        sizes_of_interest: List[float],
+        mask_out_stride: int = 4,
+        max_proposals: int = -1,
+        topk_proposals_per_im: int = -1,
+        mask_threshold: float = 0.5,
+    ):
+        """
+        Args:
+            mask_branch: gives (N, F, Hs, Ws) mask features.
+            in_channels: channels of FCOS's box tower (controller input).
+            channels, num_layers: width and depth of the dynamic mask head.
+            rel_coords: prepend the two relative-coordinate channels.
+            sizes_of_interest: per FPN level, divisor of the relative coordinates.
+            mask_out_stride: stride of the output masks (<= the mask branch's stride).
+            max_proposals, topk_proposals_per_im: training subsample of positives (-1: all).
+            mask_threshold: foreground threshold on probabilities at inference.
+        """
+        super().__init__()
+        self.mask_branch = mask_branch
+        self.channels, self.num_layers, self.rel_coords = channels, num_layers, rel_coords
+        feat_channels = mask_branch.out_channels + (2 if rel_coords else 0)
+        if feat_channels == 0:
+            raise ValueError(
+                "CondInst: the dynamic head has no input (MASK_BRANCH.OUT_CHANNELS=0 and DISABLE_REL_COORDS=True)."
+            )
+        self.num_gen_params = dynamic_mask_head_num_params(feat_channels, channels, num_layers)
+        self.controller = nn.Conv2d(in_channels, self.num_gen_params, 3, padding=1)
+        nn.init.normal_(self.controller.weight, std=0.01)
+        nn.init.constant_(self.controller.bias, 0)
+        self.register_buffer("sizes_of_interest", torch.tensor(sizes_of_interest, dtype=torch.float32), False)
+        self.mask_feat_stride = mask_branch.out_stride
+        if self.mask_feat_stride % mask_out_stride != 0:
+            raise ValueError(
+                f"MODEL.CONDINST.MASK_OUT_STRIDE={mask_out_stride} must divide the mask branch stride "
+                f"{self.mask_feat_stride}."
+            )
+        self.mask_out_stride = mask_out_stride
+        self.max_proposals, self.topk_proposals_per_im = max_proposals, topk_proposals_per_im
+        self.mask_threshold = mask_threshold
+
+    # The controller is the module FCOS runs on its box tower; keep its AdelaiDet name.
+    @property
+    def top_module(self):
+        return self.__dict__["_modules"].get("controller")
+
+    @top_module.setter
+    def top_module(self, value):
+        if value is not None:
+            raise AttributeError("CondInstMaskHead.top_module is its controller; set .controller instead.")
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        ci = cfg.MODEL.CONDINST
+        mb = ci.MASK_BRANCH
+        branch = MaskBranch(
+            input_shape,
+            in_features=mb.IN_FEATURES,
+            channels=mb.CHANNELS,
+            out_channels=mb.OUT_CHANNELS,
+            num_convs=mb.NUM_CONVS,
+            norm=mb.NORM,
+            semantic_loss_on=mb.SEMANTIC_LOSS_ON,
+            num_classes=cfg.MODEL.FCOS.NUM_CLASSES,
+            prior_prob=cfg.MODEL.FCOS.PRIOR_PROB,
+            focal_alpha=cfg.MODEL.FCOS.LOSS_ALPHA,
+            focal_gamma=cfg.MODEL.FCOS.LOSS_GAMMA,
+        )
+        return {
+            "mask_branch": branch,
+            "in_channels": input_shape[cfg.MODEL.FCOS.IN_FEATURES[0]].channels,
+            "channels": ci.MASK_HEAD.CHANNELS,
+            "num_layers": ci.MASK_HEAD.NUM_LAYERS,
+            "rel_coords": not ci.MASK_HEAD.DISABLE_REL_COORDS,
+            "sizes_of_interest": sizes_of_interest_per_level(cfg.MODEL.FCOS.SIZES_OF_INTEREST),
+            "mask_out_stride": ci.MASK_OUT_STRIDE,
+            "max_proposals": ci.MAX_PROPOSALS,
+            "topk_proposals_per_im": ci.TOPK_PROPOSALS_PER_IM,
+            "mask_threshold": ci.MASK_THRESHOLD,
+        }
+
+    # ------------------------------------------------------------------------------------
+    def mask_logits(self, mask_feats: Tensor, instances: Instances, im_inds: Tensor) -> Tensor:
+        """(R, 1, Ho, Wo) mask logits at MASK_OUT_STRIDE for R instances with fields
+        ``top_feats`` (R, P), ``locations`` (R, 2), ``fpn_levels`` (R,)."""
+        params = instances.top_feats
+        if self.rel_coords:
+            locs = instances.locations
+            scales = self.sizes_of_interest.to(params.dtype)[instances.fpn_levels]
+        else:
+            locs = scales = None
+        logits = dynamic_mask_head(
+            mask_feats, im_inds, params, channels=self.channels, num_layers=self.num_layers,
+            instance_locations=locs, mask_feat_stride=self.mask_feat_stride, scales=scales,
+        )
+        return aligned_upsample(logits, self.mask_feat_stride // self.mask_out_stride)
+
+    def _sample_positives(self, pos: Instances, num_images: int) -> Instances:
+        if self.topk_proposals_per_im > 0 and len(pos):
+            keep = []
+            score = pos.logits_pred.sigmoid().max(dim=1).values * pos.ctrness_pred.sigmoid()
+            for i in range(num_images):
+                idx = (pos.im_inds == i).nonzero().flatten()
+                if idx.numel() > self.topk_proposals_per_im:
+                    idx = idx[score[idx].topk(self.topk_proposals_per_im).indices]
+                keep.append(idx)
+            pos = pos[torch.cat(keep).sort().values]
+        if 0 < self.max_proposals < len(pos):
+            pos = pos[torch.randperm(len(pos), device=pos.im_inds.device)[: self.max_proposals]]
+        return pos
+
+    def losses(self, images: ImageList, features, fcos_outputs, gt_instances: List[Instances]):
+        padded = tuple(images.tensor.shape[-2:])
+        bitmasks = [gt_bitmasks_padded(inst, padded) for inst in gt_instances]
+        sem = None
+        if self.mask_branch.semantic_loss_on:
+            sem = semantic_targets(bitmasks, [g.gt_classes for g in gt_instances], self.mask_branch.out_stride)
+        mask_feats, losses = self.mask_branch(features, sem)
+
+        pos = self._sample_positives(fcos_outputs.positives, len(gt_instances))
+        if len(pos) == 0:
+            zero = mask_feats.sum() * 0 + sum(t.sum() for t in fcos_outputs.top_feats) * 0
+            losses["loss_mask"] = zero
+            return losses
+        s, start = self.mask_out_stride, self.mask_out_stride // 2
+        # (sum G, Ho, Wo) targets at the output pixel centres; row of each positive's GT.
+        targets = torch.cat([b[:, start::s, start::s] for b in bitmasks])
+        offsets = torch.tensor([0] + [len(g) for g in gt_instances], device=targets.device).cumsum(0)
+        gt_rows = offsets[pos.im_inds] + pos.gt_inds
+        logits = self.mask_logits(mask_feats, pos, pos.im_inds)  # (R, 1, Ho, Wo)
+        losses["loss_mask"] = dice_loss(logits.sigmoid(), targets[gt_rows][:, None]).mean()
+        return losses
+
+    def inference(self, images: ImageList, features, fcos_outputs, detections: List[Instances]):
+        mask_feats, _ = self.mask_branch(features)
+        Hp, Wp = images.tensor.shape[-2:]
+        num = [len(d) for d in detections]
+        if sum(num) == 0:
+            for d, (h, w) in zip(detections, images.image_sizes):
+                d.pred_global_masks = mask_feats.new_zeros((0, 1, h, w))
+            return detections
+        dets = Instances.cat(detections)
+        im_inds = torch.cat([torch.full((n,), i, dtype=torch.long, device=mask_feats.device) for i, n in enumerate(num)])
+        probs = self.mask_logits(mask_feats, dets, im_inds).sigmoid()  # (R, 1, Ho, Wo)
+        probs = aligned_upsample(probs, self.mask_out_stride)[:, :, :Hp, :Wp]  # (R, 1, Hp, Wp)
+        for d, p, (h, w) in zip(detections, probs.split(num), images.image_sizes):
+            d.pred_global_masks = p[:, :, :h, :w]
+        return detections
+
+    def postprocess(self, result: Instances, output_height: int, output_width: int) -> Instances:
+        """Boxes via Detectron2's ``detector_postprocess``; whole-image mask probabilities
+        resized bilinearly to the output size and thresholded into ``pred_masks`` (R, H, W)."""
+        r = detector_postprocess(result, output_height, output_width)
+        if r.has("pred_global_masks"):
+            m = r.pred_global_masks
+            r.remove("pred_global_masks")
+            if len(m):
+                m = F.interpolate(m, size=(output_height, output_width), mode="bilinear", align_corners=False)
+            else:
+                m = m.new_zeros((0, 1, output_height, output_width))
+            r.pred_masks = m[:, 0] > self.mask_threshold
+        return r
