@@ -291,3 +291,76 @@ def test_coco_evaluator_scores_ground_truth_as_perfect(tmp_path):
     assert results["segm"]["AP"] == pytest.approx(100.0)
     DatasetCatalog.remove(name)
     MetadataCatalog.remove(name)
+
+
+def test_semantic_form_matches_instances_and_scores_perfectly(tmp_path):
+    import torch
+    from detectron2.evaluation import SemSegEvaluator
+
+    from d2seg.data import SEM_SEG_CLASSES, register_shapes_sem_seg, render_semantic_labels
+
+    name, inst_name = "_test_shapes_sem", "_test_shapes_sem_inst"
+    image_root, label_root = register_shapes_sem_seg(name, "val", N, SIZE, 4, root=str(tmp_path))
+    register_shapes(inst_name, "val", N, SIZE, 4, root=str(tmp_path))
+    meta = MetadataCatalog.get(name)
+    assert meta.evaluator_type == "sem_seg" and meta.ignore_label == 255
+    assert meta.stuff_classes == ["background", *SHAPES_CLASSES] == list(SEM_SEG_CLASSES)
+    records = DatasetCatalog.get(name)
+    inst_records = DatasetCatalog.get(inst_name)
+    assert [r["file_name"] for r in records] == [r["file_name"] for r in inst_records]
+    ignored = 0
+    for rec, irec in zip(records, inst_records):
+        labels = cv2.imread(rec["sem_seg_file_name"], cv2.IMREAD_UNCHANGED)
+        assert labels.shape == (SIZE, SIZE) and labels.dtype == np.uint8
+        expected = np.zeros((SIZE, SIZE), np.uint8)
+        for a in irec["annotations"]:
+            expected[mask_util.decode(a["segmentation"]).astype(bool)] = a["category_id"] + 1
+        known = labels != 255
+        ignored += int((~known).sum())
+        assert (labels[known] == expected[known]).all()
+        assert (expected[~known] == 0).all()  # ignore only where no annotation is
+        np.testing.assert_array_equal(labels, render_semantic_labels(4, rec["image_id"] - 1, SIZE))
+    assert ignored > 0  # some tiny fragments exist among 20 images
+
+    # through the mapper (test mode keeps nothing, train mode gives sem_seg)
+    cfg = get_d2seg_cfg()
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (SIZE,), SIZE
+    out = D2SegDatasetMapper(cfg, is_train=True)(records[0])
+    assert out["sem_seg"].shape == (SIZE, SIZE) and out["sem_seg"].dtype == torch.long
+    assert "instances" not in out
+
+    # Detectron2's SemSegEvaluator: the ground truth as prediction gives mIoU 100
+    evaluator = SemSegEvaluator(name, distributed=False, output_dir=None)
+    evaluator.reset()
+    for rec in records:
+        labels = cv2.imread(rec["sem_seg_file_name"], cv2.IMREAD_UNCHANGED).astype(np.int64)
+        labels[labels == 255] = 0
+        logits = torch.nn.functional.one_hot(torch.from_numpy(labels), len(SEM_SEG_CLASSES))
+        evaluator.process([{"file_name": rec["file_name"]}],
+                          [{"sem_seg": logits.permute(2, 0, 1).float()}])
+    res = evaluator.evaluate()["sem_seg"]
+    assert res["mIoU"] == pytest.approx(100.0)
+    for n in (name, inst_name):
+        DatasetCatalog.remove(n)
+        MetadataCatalog.remove(n)
+
+
+def test_prepare_datasets_semantic_names(tmp_path, monkeypatch):
+    from d2seg.data.shapes import shapes_sem_seg_paths
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    cfg = get_d2seg_cfg()
+    cfg.DATASETS.TRAIN = ("shapes_sem_seg_train",)
+    cfg.DATASETS.TEST = ("shapes_sem_seg_val",)
+    cfg.D2SEG.SHAPES.NUM_TRAIN, cfg.D2SEG.SHAPES.NUM_VAL = 6, 4
+    cfg.D2SEG.SHAPES.IMAGE_SIZE = 32
+    try:
+        prepared = prepare_datasets(cfg)
+        _, lt = shapes_sem_seg_paths(str(tmp_path), "train", 6, 32, 0)
+        _, lv = shapes_sem_seg_paths(str(tmp_path), "val", 4, 32, 1)
+        assert prepared == {"shapes_sem_seg_train": lt, "shapes_sem_seg_val": lv}
+        assert len(os.listdir(lt)) == 6 and len(os.listdir(lv)) == 4
+        assert len(DatasetCatalog.get("shapes_sem_seg_val")) == 4
+    finally:
+        monkeypatch.delenv("DETECTRON2_DATASETS")
+        d2seg.data.register_builtin_shapes()

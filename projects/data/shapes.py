@@ -34,6 +34,9 @@ MAX_INSTANCES = 6
 EMPTY_IMAGE_PROB = 0.02
 _JPEG_QUALITY = 95
 _SUBPIXEL_SHIFT = 4  # cv2 fixed-point bits for polygon vertices
+# Semantic form: label 0 is background, 1..5 the classes; Detectron2's ignore value.
+SEM_SEG_CLASSES = ("background",) + SHAPES_CLASSES
+SEM_SEG_IGNORE = 255
 
 
 @dataclass
@@ -149,14 +152,8 @@ def _paint(rng, img, mask_bool, background):
     img[ys, xs] = color[None, :] + np.clip(shade, -25, 25)[:, None]
 
 
-def render_image(seed, index, image_size):
-    """Render image ``index`` of the data set drawn with ``seed``.
-
-    Returns:
-        image: (S, S, 3) uint8 RGB.
-        instances: list[RenderedInstance] in painting order, only those with at least
-            ``MIN_VISIBLE_AREA`` visible pixels (the others stay painted, unannotated).
-    """
+def _render(seed, index, image_size):
+    """render_image plus the (S, S) bool mask of visible pixels of unannotated instances."""
     rng = np.random.default_rng([int(seed), int(index)])
     size = int(image_size)
     background = _background(rng, size)
@@ -180,11 +177,38 @@ def render_image(seed, index, image_size):
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
     instances = []
+    unannotated = np.zeros((size, size), bool)
     for k, category, full in drawn:
         visible = owner == k
         if int(visible.sum()) >= MIN_VISIBLE_AREA:
             instances.append(RenderedInstance(category, visible, full))
+        else:
+            unannotated |= visible
+    return image, instances, unannotated
+
+
+def render_image(seed, index, image_size):
+    """Render image ``index`` of the data set drawn with ``seed``.
+
+    Returns:
+        image: (S, S, 3) uint8 RGB.
+        instances: list[RenderedInstance] in painting order, only those with at least
+            ``MIN_VISIBLE_AREA`` visible pixels (the others stay painted, unannotated).
+    """
+    image, instances, _ = _render(seed, index, image_size)
     return image, instances
+
+
+def render_semantic_labels(seed, index, image_size):
+    """(S, S) uint8 label map of image ``index``: 0 background, 1 + class index on the
+    visible pixels of each annotated instance, SEM_SEG_IGNORE on those of unannotated
+    (tiny) ones."""
+    _, instances, unannotated = _render(seed, index, image_size)
+    labels = np.zeros((int(image_size),) * 2, np.uint8)
+    for inst in instances:
+        labels[inst.visible] = inst.category + 1
+    labels[unannotated] = SEM_SEG_IGNORE
+    return labels
 
 
 # ----------------------------------------------------------------------------------------
@@ -262,6 +286,36 @@ def _write_files(folder, num_images, image_size, seed, split):
         json.dump(data, f)
 
 
+def _write_atomically(folder, marker, write, what):
+    """Create ``folder`` by ``write(tmp_folder)`` + rename, unless ``marker`` (a file
+    inside it) exists. Another process that finishes first wins; its copy is kept."""
+    if os.path.isfile(marker):
+        return
+    root = os.path.dirname(folder) or "."
+    os.makedirs(root, exist_ok=True)
+    if os.path.isdir(folder):  # not written by this code (it always has the marker)
+        raise FileExistsError(
+            f"'{folder}' exists but has no {os.path.basename(marker)}; delete it so that "
+            "d2seg can generate the shapes data set there"
+        )
+    logger.info(f"Generating {what} in {folder}")
+    start = time.perf_counter()
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=root)
+    try:
+        inner = os.path.join(tmp, "data")
+        write(inner)
+        try:
+            os.rename(inner, folder)
+        except OSError:
+            if not os.path.isfile(marker):
+                raise
+            logger.info(f"{folder} was written by another process meanwhile; keeping it")
+        else:
+            logger.info(f"Generated {folder} in {time.perf_counter() - start:.1f} s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def generate_shapes(split, num_images, image_size, seed, root=None):
     """Write the data set under ``root`` (None: :func:`datasets_root`) unless it is there.
 
@@ -274,31 +328,51 @@ def generate_shapes(split, num_images, image_size, seed, root=None):
     """
     root = datasets_root() if root is None else os.fspath(root)
     folder, json_file, image_root = shapes_paths(root, split, num_images, image_size, seed)
-    if os.path.isfile(json_file):
-        return json_file, image_root
-    os.makedirs(root, exist_ok=True)
-    if os.path.isdir(folder):  # not written by this code (it always has annotations.json)
-        raise FileExistsError(
-            f"'{folder}' exists but has no annotations.json; delete it so that d2seg can "
-            "generate the shapes data set there"
-        )
-    logger.info(
-        f"Generating shapes_{split} ({int(num_images)} images, {int(image_size)} px, "
-        f"seed {int(seed)}) in {folder}"
+    what = (f"shapes_{split} ({int(num_images)} images, {int(image_size)} px, "
+            f"seed {int(seed)})")
+    _write_atomically(
+        folder, json_file,
+        lambda out: _write_files(out, num_images, image_size, seed, split), what,
     )
-    start = time.perf_counter()
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp-", dir=root)
-    try:
-        inner = os.path.join(tmp, "data")
-        _write_files(inner, num_images, image_size, seed, split)
-        try:
-            os.rename(inner, folder)
-        except OSError:
-            if not os.path.isfile(json_file):
-                raise
-            logger.info(f"{folder} was written by another process meanwhile; keeping it")
-        else:
-            logger.info(f"Generated {folder} in {time.perf_counter() - start:.1f} s")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return json_file, image_root
+
+
+def shapes_sem_seg_paths(root, split, num_images, image_size, seed):
+    """(folder, label_root) of the semantic labels of a shapes data set under ``root``."""
+    folder = os.path.join(
+        root, "shapes_sem_seg_" + shapes_dirname(split, num_images, image_size, seed)[len("shapes_"):]
+    )
+    return folder, os.path.join(folder, "labels")
+
+
+def _write_labels(folder, num_images, image_size, seed):
+    label_dir = os.path.join(folder, "labels")
+    os.makedirs(label_dir)
+    for i in range(int(num_images)):
+        labels = render_semantic_labels(seed, i, image_size)
+        if not cv2.imwrite(os.path.join(label_dir, f"{i:06d}.png"), labels):  # pragma: no cover
+            raise RuntimeError(f"cv2 failed to write label map {i} of {folder}")
+    with open(os.path.join(folder, "info.json"), "w") as f:
+        json.dump({"classes": list(SEM_SEG_CLASSES), "ignore_label": SEM_SEG_IGNORE,
+                   "num_images": int(num_images), "image_size": int(image_size),
+                   "seed": int(seed)}, f)
+
+
+def generate_shapes_sem_seg(split, num_images, image_size, seed, root=None):
+    """Write the semantic form of a shapes data set (and its images, through
+    :func:`generate_shapes`) unless it is there: one PNG label map per image, 0 background,
+    1..5 the classes of SHAPES_CLASSES, SEM_SEG_IGNORE on unannotated tiny fragments.
+
+    Returns:
+        (image_root, label_root): ``images/NNNNNN.jpg`` and ``labels/NNNNNN.png``.
+    """
+    root = datasets_root() if root is None else os.fspath(root)
+    _, image_root = generate_shapes(split, num_images, image_size, seed, root)
+    folder, label_root = shapes_sem_seg_paths(root, split, num_images, image_size, seed)
+    what = (f"shapes_sem_seg_{split} labels ({int(num_images)} images, {int(image_size)} px, "
+            f"seed {int(seed)})")
+    _write_atomically(
+        folder, os.path.join(folder, "info.json"),
+        lambda out: _write_labels(out, num_images, image_size, seed), what,
+    )
+    return image_root, label_root
