@@ -344,3 +344,17 @@ def test_same_output_as_detectron2_mapper_on_good_records(tmp_path):
         assert torch.equal(a["instances"].gt_boxes.tensor, b["instances"].gt_boxes.tensor)
         assert torch.equal(a["instances"].gt_masks.tensor, b["instances"].gt_masks.tensor)
         assert torch.equal(a["instances"].gt_classes, b["instances"].gt_classes)
+
+
+def test_rle_masks_with_polygon_format_say_what_to_change(tmp_path):
+    data = _base_json(1)
+    m = np.zeros((SIZE, SIZE), np.uint8)
+    m[5:25, 5:25] = 1
+    rle = mask_util.encode(np.asfortranarray(m))
+    rle["counts"] = rle["counts"].decode()
+    data["annotations"][0]["segmentation"] = rle
+    rec = load_coco_checked(_write(tmp_path, data, 1), str(tmp_path))[0]
+    with pytest.raises(ValueError, match=r"0\.jpg.*image_id=1.*MASK_FORMAT to 'bitmask'"):
+        D2SegDatasetMapper(_cfg("polygon"), is_train=True)(rec)
+    out = D2SegDatasetMapper(_cfg("bitmask"), is_train=True)(rec)
+    assert int(out["instances"].gt_masks.tensor.sum()) == 400

@@ -6,6 +6,7 @@ Differences from ``detectron2.data.DatasetMapper`` (same constructor and from_co
 * an image that is missing or cannot be decoded raises :class:`ImageReadError`
   (a ValueError) naming the file and the record's image_id, instead of a bare PIL/OS
   error from inside a data-loader worker;
+* RLE masks with INPUT.MASK_FORMAT "polygon" raise a ValueError saying to use "bitmask";
 * a decoded size that differs from the record's height/width raises Detectron2's
   ``SizeMismatchError`` (unchanged);
 * in training, an image without instances gets an empty ``Instances`` that still has
@@ -56,6 +57,19 @@ class D2SegDatasetMapper(DatasetMapper):
     """Build with ``D2SegDatasetMapper(cfg, is_train=True)`` or Detectron2's keyword
     arguments (see ``detectron2.data.DatasetMapper``)."""
 
+    def _check_mask_format(self, dataset_dict):
+        """RLE masks cannot become PolygonMasks: say which setting to change."""
+        if not (self.use_instance_mask and self.instance_mask_format == "polygon"):
+            return
+        for anno in dataset_dict["annotations"]:
+            if isinstance(anno.get("segmentation"), dict):
+                raise ValueError(
+                    f"image '{dataset_dict.get('file_name')}' (dataset record image_id="
+                    f"{dataset_dict.get('image_id', '?')}) has RLE masks, which "
+                    "INPUT.MASK_FORMAT 'polygon' cannot hold: set INPUT.MASK_FORMAT to "
+                    "'bitmask' (the built-in shapes data sets use RLE)"
+                )
+
     def __call__(self, dataset_dict):
         """
         Args:
@@ -95,6 +109,7 @@ class D2SegDatasetMapper(DatasetMapper):
             return dataset_dict
 
         if "annotations" in dataset_dict:
+            self._check_mask_format(dataset_dict)
             self._transform_annotations(dataset_dict, transforms, image_shape)
             instances = dataset_dict["instances"]
             if self.use_instance_mask and not instances.has("gt_masks") and len(instances) == 0:
