@@ -16,6 +16,7 @@ import torch
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import d2seg  # noqa: F401  (registers every method and the built-in data sets)
 from d2seg.engine import AtomicCheckpointer, Trainer, setup_cfg
@@ -27,6 +28,7 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2seg")
     return cfg
 
 
