@@ -214,3 +214,21 @@ def test_encoding_learnt_on_first_use_from_shapes(tmp_path, monkeypatch):
     p2 = encoding_for_config(cfg)
     assert os.path.getmtime(path) == mtime
     np.testing.assert_allclose(p1.components, p2.components, atol=1e-6)
+
+
+def test_all_configs_merge():
+    """Every configs/MEInst/*.yaml merges (no unknown key) and names the MEInst head;
+    *_dcn configs put DCN in the last layer of all three towers."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(CONFIGS, "MEInst", "*.yaml")))
+    assert len(files) == 14
+    for f in files:
+        cfg = get_d2seg_cfg()
+        cfg.merge_from_file(f)
+        assert cfg.MODEL.ONE_STAGE_MASK_HEAD.NAME == "MEInstMaskHead" and cfg.MODEL.MASK_ON
+        dcn = f.endswith("_dcn.yaml")
+        assert cfg.MODEL.FCOS.USE_DEFORMABLE == dcn and cfg.MODEL.MEINST.USE_DEFORMABLE == dcn
+        assert (cfg.MODEL.MEINST.MASK_SIZE, cfg.MODEL.MEINST.DIM_MASK) == (28, 60)
+        if "_3x" in f:
+            assert cfg.SOLVER.MAX_ITER == 270000
