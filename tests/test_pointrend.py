@@ -487,6 +487,8 @@ def test_every_pointrend_config_merges():
         cfg = setup_cfg(f, [], freeze=False)
         if "Semantic" in f or "semantic" in f:
             assert cfg.MODEL.SEM_SEG_HEAD.NAME == "D2SegPointRendSemSegHead"
+        elif "sparseinst" in f:
+            assert cfg.MODEL.META_ARCHITECTURE == "D2SegPointRendSparseInst"
         else:
             assert cfg.MODEL.ROI_MASK_HEAD.NAME == "D2SegPointRendMaskHead"
     shapes = setup_cfg(os.path.join(root, "pointrend_rcnn_R18_shapes.yaml"), [], freeze=False)
