@@ -1,0 +1,133 @@
+"""BlendMask: blender against a hand computation, base cropping, attention layout,
+losses with and without instances, zero detections, AdelaiDet key mapping."""
+import math
+
+import pytest
+import torch
+
+import d2seg.modeling  # noqa: F401
+from d2seg.blendmask import BlendMaskHead, blend, convert_adelaidet_blendmask, crop_bases
+from d2seg.config import get_d2seg_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances
+
+SHAPES = {f"p{l}": ShapeSpec(channels=32, stride=2**l) for l in range(3, 8)}
+
+
+def tiny_cfg():
+    cfg = get_d2seg_cfg()
+    cfg.merge_from_file("configs/BlendMask/blendmask_R18_shapes.yaml")
+    cfg.MODEL.FPN.OUT_CHANNELS = 64
+    cfg.MODEL.BASIS_MODULE.CONVS_DIM = 32
+    cfg.MODEL.BASIS_MODULE.NUM_CONVS = 1
+    cfg.MODEL.BLENDMASK.BOTTOM_RESOLUTION = 14
+    return cfg
+
+
+def test_blend_equals_hand_computation():
+    """K=2 bases, S=M=2 (interpolation is the identity): softmax over K, weighted sum."""
+    rois = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]]])
+    l3 = math.log(3.0)
+    attns = torch.tensor([[[0.0, 0.0], [l3, 0.0]], [[0.0, l3], [0.0, 0.0]]]).reshape(1, 8)
+    # (0,0): .5*1+.5*5; (0,1): .25*2+.75*6; (1,0): .75*3+.25*7; (1,1): .5*4+.5*8
+    torch.testing.assert_close(blend(rois, attns, 2), torch.tensor([[[3.0, 5.0], [4.0, 6.0]]]))
+
+
+def test_blend_upsamples_attentions_and_rejects_bad_sizes():
+    rois = torch.randn(3, 4, 8, 8)
+    attns = torch.randn(3, 4)  # M = 1: one weight per basis, constant over the box
+    w = attns.softmax(dim=1)
+    torch.testing.assert_close(blend(rois, attns, 1), (rois * w[:, :, None, None]).sum(1))
+    with pytest.raises(ValueError, match="K\\*M\\*M"):
+        blend(rois, torch.randn(3, 4 * 4), 1)
+    assert blend(rois[:0], attns[:0], 1).shape == (0, 8, 8)
+
+
+def test_crop_bases_samples_cell_centres():
+    """Bases (stride 4) whose value is the x (resp. y) of their pixel centre; the S x S
+    crop of a box must read the box's cell centres."""
+    xs = (torch.arange(10) * 4 + 2.0)
+    bases = torch.stack([xs[None].expand(10, 10), xs[:, None].expand(10, 10)])[None]  # (1, 2, 10, 10)
+    bases = torch.cat([bases, bases + 100])  # second image offset by 100
+    boxes = torch.tensor([[8.0, 12.0, 24.0, 20.0], [8.0, 12.0, 24.0, 20.0]])
+    out = crop_bases(bases, boxes, torch.tensor([0, 1]), size=4, scale=0.25)
+    cx = 8 + (torch.arange(4) + 0.5) * 4
+    cy = 12 + (torch.arange(4) + 0.5) * 2
+    torch.testing.assert_close(out[0, 0], cx[None].expand(4, 4))
+    torch.testing.assert_close(out[0, 1], cy[:, None].expand(4, 4))
+    torch.testing.assert_close(out[1], out[0] + 100)
+    assert crop_bases(bases, boxes[:0], torch.tensor([], dtype=torch.long), 4, 0.25).shape == (0, 2, 4, 4)
+
+
+def test_attention_layer_size_and_config_checks():
+    cfg = tiny_cfg()
+    h = BlendMaskHead(cfg, SHAPES)
+    assert h.top_layer.out_channels == 4 * 7 * 7 and h.top_module is h.top_layer
+    cfg.MODEL.BLENDMASK.ATTN_SIZE = 14
+    assert BlendMaskHead(cfg, SHAPES).top_layer.out_channels == 784
+    cfg.MODEL.BLENDMASK.POOLER_SCALES = (0.125,)
+    with pytest.raises(ValueError, match="POOLER_SCALES"):
+        BlendMaskHead(cfg, SHAPES)
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model(tiny_cfg())
+
+
+def _input(n, size=64):
+    img = torch.rand(3, size, size) * 255
+    inst = Instances((size, size))
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    boxes = []
+    for i in range(n):
+        x, y = 4 + 14 * i, 6 + 10 * i
+        masks[i, y:y + 20, x:x + 16] = True
+        boxes.append([x, y, x + 16, y + 20])
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.arange(n) % 5
+    inst.gt_masks = BitMasks(masks)
+    return {"image": img, "instances": inst}
+
+
+def test_training_losses_and_zero_instances():
+    model = _model().train()
+    model.mask_head.basis_module.loss_on = False
+    losses = model([_input(2), _input(0)])
+    assert 0 < losses["loss_mask"].item() < 5
+    sum(losses.values()).backward()
+    assert model.mask_head.top_layer.weight.grad.abs().sum() > 0
+    assert model.mask_head.basis_module.tower[-1].weight.grad.abs().sum() > 0
+    model.zero_grad()
+    losses = model([_input(0), _input(0)])
+    assert losses["loss_mask"].item() == 0 and losses["loss_mask"].requires_grad
+    sum(losses.values()).backward()
+
+
+def test_inference_zero_and_some_detections():
+    model = _model().eval()
+    model.proposal_generator.score_thresh_test = 1.1
+    with torch.no_grad():
+        r = model([{"image": _input(0)["image"], "height": 32, "width": 48}])[0]["instances"]
+    assert len(r) == 0 and r.pred_masks.shape[0] == 0
+    model.proposal_generator.score_thresh_test = 0.0
+    with torch.no_grad():
+        r = model([{"image": _input(0)["image"], "height": 32, "width": 48}])[0]["instances"]
+    assert len(r) > 0 and r.pred_masks.shape == (len(r), 32, 48) and r.pred_masks.dtype == torch.bool
+
+
+def test_adelaidet_key_mapping_loads_strictly():
+    model = _model()
+    back = {"mask_head.basis_module.": "basis_module.", "mask_head.top_layer.": "top_layer."}
+    adelai = {}
+    for k, v in model.state_dict().items():
+        for a, b in back.items():
+            if k.startswith(a):
+                k = b + k[len(a):]
+        adelai[k] = v
+    assert "top_layer.weight" in adelai and "basis_module.refine.0.0.weight" in adelai
+    # tower: NUM_CONVS (1 here) conv blocks, Upsample, conv block, 1x1 conv
+    assert "basis_module.tower.2.0.weight" in adelai and "basis_module.tower.3.weight" in adelai
+    adelai["panoptic_module.predictor.weight"] = torch.zeros(1)
+    model.load_state_dict(convert_adelaidet_blendmask(adelai), strict=True)
