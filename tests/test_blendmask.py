@@ -131,3 +131,19 @@ def test_adelaidet_key_mapping_loads_strictly():
     assert "basis_module.tower.2.0.weight" in adelai and "basis_module.tower.3.weight" in adelai
     adelai["panoptic_module.predictor.weight"] = torch.zeros(1)
     model.load_state_dict(convert_adelaidet_blendmask(adelai), strict=True)
+
+
+@pytest.mark.parametrize(
+    "name,attn",
+    [("R_50_1x", 7), ("R_50_3x", 7), ("R_101_1x", 7), ("R_101_3x", 7), ("550_R_50_1x", 14), ("550_R_50_3x", 14),
+     ("blendmask_R18_shapes", 7)],
+)
+def test_configs_merge_and_build_the_head(name, attn):
+    cfg = get_d2seg_cfg()
+    cfg.merge_from_file(f"configs/BlendMask/{name}.yaml")
+    assert cfg.MODEL.ONE_STAGE_MASK_HEAD.NAME == "BlendMaskHead"
+    c = cfg.MODEL.FPN.OUT_CHANNELS
+    shapes = {f"p{l}": ShapeSpec(channels=c, stride=2**l) for l in range(3, 8)}
+    h = BlendMaskHead(cfg, shapes)
+    assert h.top_layer.out_channels == 4 * attn * attn and h.bottom_resolution == 56
+    assert h.basis_module.out_stride == 4

@@ -230,3 +230,17 @@ def test_adelaidet_key_mapping_loads_strictly():
     assert "controller.weight" in adelai and "mask_branch.tower.0.0.weight" in adelai
     assert not any(k.startswith("mask_head.") for k in adelai)
     model.load_state_dict(convert_adelaidet_condinst(adelai), strict=True)
+
+
+@pytest.mark.parametrize(
+    "name", ["R_50_1x", "R_50_3x", "R_101_1x", "R_101_3x", "R_50_3x_sem", "R_101_3x_sem", "condinst_R18_shapes"]
+)
+def test_configs_merge_and_build_the_head(name):
+    cfg = get_d2seg_cfg()
+    cfg.merge_from_file(f"configs/CondInst/{name}.yaml")
+    assert cfg.MODEL.ONE_STAGE_MASK_HEAD.NAME == "CondInstMaskHead"
+    c = cfg.MODEL.FPN.OUT_CHANNELS
+    shapes = {f"p{l}": ShapeSpec(channels=c, stride=2**l) for l in range(3, 8)}
+    h = CondInstMaskHead(cfg, shapes)
+    assert h.num_gen_params == 169 and h.mask_out_stride == 4
+    assert h.mask_branch.semantic_loss_on == name.endswith("_sem")
