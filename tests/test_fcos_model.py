@@ -309,3 +309,31 @@ def test_head_with_deformable_towers_runs():
     assert [o.shape for o in out.logits] == [(1, 3, 8, 8), (1, 3, 4, 4)]
     assert (torch.cat([b.flatten() for b in out.bbox_reg]) >= 0).all()
     assert out.bbox_towers[1].shape == (1, 32, 4, 4) and out.top_feats is None
+
+
+@pytest.mark.parametrize(
+    "name", ["fcos_R18_shapes", "retinanet_shapes", "R_50_1x_dcnv2", "R_50_1x", "R_50_3x", "R_101_1x", "R_101_3x"]
+)
+def test_configs_build(name):
+    import os
+
+    from d2seg.engine import setup_cfg
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "FCOS", name + ".yaml")
+    cfg = setup_cfg(path, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""], freeze=False)
+    if name.startswith("R_"):
+        assert cfg.MODEL.FCOS.SIZES_OF_INTEREST == [64, 128, 256, 512]  # paper defaults
+        assert cfg.MODEL.RESNETS.DEPTH == int(name.split("_")[1])
+        assert cfg.SOLVER.MAX_ITER == (90000 if "1x" in name else 270000)
+        if name != "R_50_1x_dcnv2":
+            return  # building the other big backbones adds nothing but time
+        model = build_model(cfg)
+        assert model.backbone.top_block.in_feature == "p5"
+        assert isinstance(model.proposal_generator.fcos_head.cls_tower[9], ModulatedDeformConv2d)
+        return
+    model = build_model(cfg)
+    if name == "fcos_R18_shapes":
+        model.eval()
+        with torch.no_grad():
+            out = model([make_input([], [], size=128)])
+        assert isinstance(out[0]["instances"], Instances)
