@@ -244,3 +244,18 @@ def test_configs_merge_and_build_the_head(name):
     h = CondInstMaskHead(cfg, shapes)
     assert h.num_gen_params == 169 and h.mask_out_stride == 4
     assert h.mask_branch.semantic_loss_on == name.endswith("_sem")
+
+
+def test_without_mask_features_uses_only_relative_coordinates():
+    """Ablation "w/o mask features" (MASK_BRANCH.OUT_CHANNELS 0): the head sees the two
+    coordinate channels only; selecting the y channel gives (y_loc - y) / soi."""
+    h = head(**{"MASK_BRANCH.OUT_CHANNELS": 0})
+    feats = torch.randn(1, 0, 2, 3)
+    inst = Instances((16, 24))
+    inst.locations = torch.tensor([[8.0, 12.0]])
+    inst.fpn_levels = torch.tensor([0])
+    inst.top_feats = _select_params(h, 1)
+    h.mask_out_stride = 8
+    out = h.mask_logits(feats, inst, torch.tensor([0]))[0, 0]
+    want = ((12.0 - (torch.arange(2) * 8 + 4.0)) / 16)[:, None].expand(2, 3)
+    torch.testing.assert_close(out, want)
