@@ -147,3 +147,14 @@ def test_configs_merge_and_build_the_head(name, attn):
     h = BlendMaskHead(cfg, shapes)
     assert h.top_layer.out_channels == 4 * attn * attn and h.bottom_resolution == 56
     assert h.basis_module.out_stride == 4
+
+
+def test_inference_batch_of_different_image_sizes():
+    model = _model().eval()
+    model.proposal_generator.score_thresh_test = 0.0
+    inputs = [{"image": torch.rand(3, 64, 64) * 255}, {"image": torch.rand(3, 48, 64) * 255, "height": 24, "width": 32}]
+    with torch.no_grad():
+        out = model(inputs)
+    r0, r1 = out[0]["instances"], out[1]["instances"]
+    assert len(r0) > 0 and r0.pred_masks.shape[1:] == (64, 64)
+    assert len(r1) > 0 and r1.pred_masks.shape[1:] == (24, 32)

@@ -259,3 +259,14 @@ def test_without_mask_features_uses_only_relative_coordinates():
     out = h.mask_logits(feats, inst, torch.tensor([0]))[0, 0]
     want = ((12.0 - (torch.arange(2) * 8 + 4.0)) / 16)[:, None].expand(2, 3)
     torch.testing.assert_close(out, want)
+
+
+def test_inference_batch_of_different_image_sizes():
+    model = _tiny_model().eval()
+    model.proposal_generator.score_thresh_test = 0.0
+    inputs = [{"image": torch.rand(3, 64, 64) * 255}, {"image": torch.rand(3, 48, 64) * 255, "height": 24, "width": 32}]
+    with torch.no_grad():
+        out = model(inputs)
+    r0, r1 = out[0]["instances"], out[1]["instances"]
+    assert len(r0) > 0 and r0.pred_masks.shape[1:] == (64, 64)
+    assert len(r1) > 0 and r1.pred_masks.shape[1:] == (24, 32)

@@ -219,7 +219,10 @@ class CondInstMaskHead(OneStageMaskHead):
             for d, (h, w) in zip(detections, images.image_sizes):
                 d.pred_global_masks = mask_feats.new_zeros((0, 1, h, w))
             return detections
-        dets = Instances.cat(detections)
+        # Instances.cat needs equal image sizes; the images of a batch may differ.
+        dets = Instances(tuple(images.tensor.shape[-2:]))
+        for name in ("top_feats", "locations", "fpn_levels"):
+            dets.set(name, torch.cat([d.get(name) for d in detections]))
         im_inds = torch.cat([torch.full((n,), i, dtype=torch.long, device=mask_feats.device) for i, n in enumerate(num)])
         probs = self.mask_logits(mask_feats, dets, im_inds).sigmoid()  # (R, 1, Ho, Wo)
         probs = aligned_upsample(probs, self.mask_out_stride)[:, :, :Hp, :Wp]  # (R, 1, Hp, Wp)
