@@ -204,7 +204,9 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
         port = s.getsockname()[1]
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), cfg=MASK_RCNN))
-    run_tool([str(script), str(tmp_path), str(port)], timeout=600)
+    # two processes on 2 cores: one thread each (OpenMP spin-waits make oversubscription slow)
+    run_tool([str(script), str(tmp_path), str(port)], timeout=600,
+             env=dict(os.environ, OMP_NUM_THREADS="1"))
     a = torch.load(tmp_path / "rank0.pth", weights_only=True)
     b = torch.load(tmp_path / "rank1.pth", weights_only=True)
     assert a.keys() == b.keys()
