@@ -270,3 +270,27 @@ def test_inference_batch_of_different_image_sizes():
     r0, r1 = out[0]["instances"], out[1]["instances"]
     assert len(r0) > 0 and r0.pred_masks.shape[1:] == (64, 64)
     assert len(r1) > 0 and r1.pred_masks.shape[1:] == (24, 32)
+
+
+def test_dice_loss_decreases_when_fitting_dynamic_parameters():
+    """Gradient descent on one instance's 169 parameters (through the fused op and the
+    upsampling) fits a disc mask: the dice loss must fall well below its start."""
+    h = head()
+    torch.manual_seed(0)
+    feats = torch.randn(1, 8, 8, 8)
+    inst = Instances((64, 64))
+    inst.locations = torch.tensor([[28.0, 36.0]])
+    inst.fpn_levels = torch.tensor([1])
+    params = (torch.randn(1, 169) * 0.3).requires_grad_()
+    ys, xs = torch.meshgrid(torch.arange(16) * 4 + 2.0, torch.arange(16) * 4 + 2.0, indexing="ij")
+    target = (((xs - 28) ** 2 + (ys - 36) ** 2) < 14**2).float()[None, None]
+    opt = torch.optim.Adam([params], lr=0.05)
+    losses = []
+    for _ in range(60):
+        inst.top_feats = params
+        loss = dice_loss(h.mask_logits(feats, inst, torch.tensor([0])).sigmoid(), target).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0] and losses[-1] < 0.2
