@@ -23,50 +23,87 @@ namespace d2seg {
 // instance_aware_conv
 // ---------------------------------------------------------------------------------------
 
-// One output value: bias + sum_{e, ky, kx} w[e, ky, kx] * in(e, ky, kx), where w points at
-// the (E, d, d) weights of one output channel and in(e, ky, kx) returns the input at
-// (y + ky - d/2, x + kx - d/2) of channel e (zero outside the image).
-template <typename T, typename S, typename Input>
-D2SEG_HOST_DEVICE inline T instance_conv_output(const S* w, S bias, int E, int d,
-                                                const Input& in) {
-  T acc = Lanes<T>::splat(bias);
+// NB output channels at one pixel (or pack of pixels), kernel size D:
+// out[i] = bias[i] + sum_{e, ky, kx} w[i * wstride + (e * D + ky) * D + kx] * in(e, ky, kx),
+// where in(e, ky, kx) returns the input of channel e at (y + ky - D/2, x + kx - D/2), zero
+// outside the image. The NB accumulators are independent, so they pipeline.
+template <int NB, int D, typename T, typename S, typename Input>
+D2SEG_HOST_DEVICE inline void instance_conv_outputs(const S* w, int64_t wstride, const S* bias,
+                                                    int E, const Input& in, T* out) {
+  T acc[NB];
+D2SEG_UNROLL
+  for (int i = 0; i < NB; ++i) acc[i] = Lanes<T>::splat(bias ? bias[i] : S(0));
   for (int e = 0; e < E; ++e) {
-    for (int ky = 0; ky < d; ++ky) {
-      for (int kx = 0; kx < d; ++kx) {
-        acc = acc + Lanes<T>::splat(w[(e * d + ky) * d + kx]) * in(e, ky, kx);
+D2SEG_UNROLL
+    for (int ky = 0; ky < D; ++ky) {
+D2SEG_UNROLL
+      for (int kx = 0; kx < D; ++kx) {
+        const T v = in(e, ky, kx);
+        const int k = (e * D + ky) * D + kx;
+D2SEG_UNROLL
+        for (int i = 0; i < NB; ++i) acc[i] = acc[i] + Lanes<T>::splat(w[i * wstride + k]) * v;
       }
     }
   }
-  return acc;
+D2SEG_UNROLL
+  for (int i = 0; i < NB; ++i) out[i] = acc[i];
 }
 
-// Gradient of the input channel e at one pixel: sum_{b, ky, kx} w[b, e, ky, kx] *
-// go(b, ky, kx), where w points at the instance's (B, E, d, d) weights and go(b, ky, kx)
-// returns the output gradient at (y - ky + d/2, x - kx + d/2) of channel b (zero outside).
-template <typename T, typename S, typename GradOut>
-D2SEG_HOST_DEVICE inline T instance_conv_grad_input(const S* w, int B, int E, int d, int e,
-                                                    const GradOut& go) {
-  T acc = Lanes<T>::splat(S(0));
-  for (int b = 0; b < B; ++b) {
-    const S* wb = w + ((int64_t)b * E + e) * d * d;
-    for (int ky = 0; ky < d; ++ky) {
-      for (int kx = 0; kx < d; ++kx) {
-        acc = acc + Lanes<T>::splat(wb[ky * d + kx]) * go(b, ky, kx);
+// Gradient of NE input channels e0 .. e0 + NE - 1 at one pixel:
+// out[i] = sum_{b, ky, kx} w[b, e0 + i, ky, kx] * go(b, ky, kx), where w is the instance's
+// (B, E, D, D) weights and go(b, ky, kx) the output gradient of channel b at
+// (y - ky + D/2, x - kx + D/2), zero outside. Even and odd b go to separate partial sums.
+template <int NE, int D, typename T, typename S, typename GradOut>
+D2SEG_HOST_DEVICE inline void instance_conv_grad_inputs(const S* w, int B, int E, int e0,
+                                                        const GradOut& go, T* out) {
+  T a0[NE], a1[NE];
+D2SEG_UNROLL
+  for (int i = 0; i < NE; ++i) a0[i] = a1[i] = Lanes<T>::splat(S(0));
+  const int64_t wb = (int64_t)E * D * D;
+  int b = 0;
+  for (; b + 1 < B; b += 2) {
+D2SEG_UNROLL
+    for (int ky = 0; ky < D; ++ky) {
+D2SEG_UNROLL
+      for (int kx = 0; kx < D; ++kx) {
+        const T g0 = go(b, ky, kx);
+        const T g1 = go(b + 1, ky, kx);
+        const S* w0 = w + b * wb + ((int64_t)e0 * D + ky) * D + kx;
+D2SEG_UNROLL
+        for (int i = 0; i < NE; ++i) {
+          a0[i] = a0[i] + Lanes<T>::splat(w0[i * D * D]) * g0;
+          a1[i] = a1[i] + Lanes<T>::splat(w0[wb + i * D * D]) * g1;
+        }
       }
     }
   }
-  return acc;
+  for (; b < B; ++b) {
+D2SEG_UNROLL
+    for (int ky = 0; ky < D; ++ky) {
+D2SEG_UNROLL
+      for (int kx = 0; kx < D; ++kx) {
+        const T g0 = go(b, ky, kx);
+        const S* w0 = w + b * wb + ((int64_t)e0 * D + ky) * D + kx;
+D2SEG_UNROLL
+        for (int i = 0; i < NE; ++i) a0[i] = a0[i] + Lanes<T>::splat(w0[i * D * D]) * g0;
+      }
+    }
+  }
+D2SEG_UNROLL
+  for (int i = 0; i < NE; ++i) out[i] = a0[i] + a1[i];
 }
 
 // Accumulates one pixel's contribution to the weight gradient of one output channel:
-// acc[(e * d + ky) * d + kx] += g * in(e, ky, kx), with in as in instance_conv_output.
-template <typename T, typename Input>
-D2SEG_HOST_DEVICE inline void instance_conv_grad_weight_pixel(T g, int E, int d,
-                                                              const Input& in, T* acc) {
+// acc[(e * D + ky) * D + kx] += g * in(e, ky, kx), with in as in instance_conv_outputs.
+template <int D, typename T, typename Input>
+D2SEG_HOST_DEVICE inline void instance_conv_grad_weight_pixel(T g, int E, const Input& in,
+                                                              T* acc) {
   for (int e = 0; e < E; ++e) {
-    for (int ky = 0; ky < d; ++ky) {
-      for (int kx = 0; kx < d; ++kx) {
-        const int k = (e * d + ky) * d + kx;
+D2SEG_UNROLL
+    for (int ky = 0; ky < D; ++ky) {
+D2SEG_UNROLL
+      for (int kx = 0; kx < D; ++kx) {
+        const int k = (e * D + ky) * D + kx;
         acc[k] = acc[k] + g * in(e, ky, kx);
       }
     }

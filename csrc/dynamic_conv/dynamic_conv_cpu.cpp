@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "core/cpu_dispatch.h"
@@ -86,101 +87,114 @@ void pad_planes(const S* src, int64_t E, int64_t H, int64_t W, int64_t pad, std:
 
 // ------------------------------- instance_aware_conv ------------------------------------
 
-template <typename S>
+// Weights of B output channels are applied NB at a time (independent accumulators).
+constexpr int kConvNB = 8;
+
+template <int D, typename S>
 void instance_conv_forward_cpu(const S* in, const S* w, const S* bias, S* out, int64_t R,
-                               int64_t B, int64_t E, int64_t H, int64_t W, int d) {
-  constexpr int V = pack_width<S>();
-  using P = Pack<S, V>;
-  const int64_t pad = d / 2;
-  // d == 1 reads the planes directly as one row of H*W pixels.
-  const int64_t rows = d == 1 ? 1 : H, cols = d == 1 ? H * W : W;
-  const int64_t Wp = d == 1 ? H * W : W + 2 * pad;
-  const int64_t plane = d == 1 ? H * W : (H + 2 * pad) * Wp;
+                               int64_t B, int64_t E, int64_t H, int64_t W) {
+  constexpr int64_t pad = D / 2;
+  // D == 1 reads the planes directly as one row of H*W pixels.
+  const int64_t rows = D == 1 ? 1 : H, cols = D == 1 ? H * W : W;
+  const int64_t Wp = D == 1 ? H * W : W + 2 * pad;
+  const int64_t plane = D == 1 ? H * W : (H + 2 * pad) * Wp;
+  const int64_t HW = H * W, wstride = E * D * D;
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) { run_best([&] {
     std::vector<S> padded;
     for (int64_t r = begin; r < end; ++r) {
-      const S* src = in + r * E * H * W;
-      if (d > 1) {
+      const S* src = in + r * E * HW;
+      if (D > 1) {
         pad_planes(src, E, H, W, pad, padded);
         src = padded.data();
       }
-      for (int64_t b = 0; b < B; ++b) {
-        const S* wb = w + (r * B + b) * E * d * d;
-        const S bb = bias ? bias[r * B + b] : S(0);
-        S* o = out + (r * B + b) * H * W;
+      auto run_block = [&](auto nb_tag, int64_t b0) {
+        constexpr int NB = decltype(nb_tag)::value;
+        const S* wb = w + (r * B + b0) * wstride;
+        const S* bb = bias ? bias + r * B + b0 : nullptr;
+        S* o = out + (r * B + b0) * HW;
         for (int64_t y = 0; y < rows; ++y) {
           for_each_chunk<S>(cols, [&](auto tag, int64_t x) {
             using T = typename decltype(tag)::type;
             PlaneWindow<T, S> win{src + y * Wp + x, plane, Wp, 1};
-            store_lanes(o + y * cols + x, instance_conv_output<T>(wb, bb, (int)E, d, win));
+            T res[NB];
+            instance_conv_outputs<NB, D>(wb, wstride, bb, (int)E, win, res);
+            for (int i = 0; i < NB; ++i) store_lanes(o + i * HW + y * cols + x, res[i]);
           });
         }
-      }
+      };
+      int64_t b = 0;
+      for (; b + kConvNB <= B; b += kConvNB) run_block(std::integral_constant<int, kConvNB>{}, b);
+      for (; b < B; ++b) run_block(std::integral_constant<int, 1>{}, b);
     }
   }); });
 }
 
-template <typename S>
+template <int D, typename S>
 void instance_conv_backward_cpu(const S* go, const S* in, const S* w, S* gin, S* gw, S* gb,
-                                int64_t R, int64_t B, int64_t E, int64_t H, int64_t W, int d) {
+                                int64_t R, int64_t B, int64_t E, int64_t H, int64_t W) {
   constexpr int V = pack_width<S>();
   using P = Pack<S, V>;
-  const int64_t pad = d / 2;
-  const int64_t rows = d == 1 ? 1 : H, cols = d == 1 ? H * W : W;
-  const int64_t Wp = d == 1 ? H * W : W + 2 * pad;
-  const int64_t plane = d == 1 ? H * W : (H + 2 * pad) * Wp;
-  const int K = (int)(E * d * d);
+  constexpr int64_t pad = D / 2;
+  const int64_t rows = D == 1 ? 1 : H, cols = D == 1 ? H * W : W;
+  const int64_t Wp = D == 1 ? H * W : W + 2 * pad;
+  const int64_t plane = D == 1 ? H * W : (H + 2 * pad) * Wp;
+  const int64_t HW = H * W;
+  const int K = (int)(E * D * D);
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) { run_best([&] {
     std::vector<S> padded_in, padded_go;
     std::vector<P> acc(K);
     std::vector<S> acc_s(K);
     for (int64_t r = begin; r < end; ++r) {
-      const S* src = in + r * E * H * W;
-      const S* gsrc = go + r * B * H * W;
-      const S* wr = w + r * B * E * d * d;
-      if (d > 1) {
+      const S* src = in + r * E * HW;
+      const S* gsrc = go + r * B * HW;
+      const S* wr = w + r * B * E * D * D;
+      if (D > 1) {
         pad_planes(src, E, H, W, pad, padded_in);
         src = padded_in.data();
         pad_planes(gsrc, B, H, W, pad, padded_go);
       }
-      // Input gradient: the transposed convolution of the output gradient.
-      for (int64_t e = 0; e < E; ++e) {
-        S* gi = gin + (r * E + e) * H * W;
+      // Input gradient: the transposed convolution of the output gradient, NE channels at
+      // a time. In the padded output gradient the mirrored window of (y, x) starts at
+      // (y + 2 pad, x + 2 pad) and walks back by (ky, kx).
+      auto run_block = [&](auto ne_tag, int64_t e0) {
+        constexpr int NE = decltype(ne_tag)::value;
         for (int64_t y = 0; y < rows; ++y) {
           for_each_chunk<S>(cols, [&](auto tag, int64_t x) {
             using T = typename decltype(tag)::type;
-            // In the padded output gradient the mirrored window of (y, x) starts at
-            // (y + 2 pad, x + 2 pad) and walks back by (ky, kx).
-            const S* base = d > 1 ? padded_go.data() + (y + 2 * pad) * Wp + x + 2 * pad
+            const S* base = D > 1 ? padded_go.data() + (y + 2 * pad) * Wp + x + 2 * pad
                                   : gsrc + y * Wp + x;
-            PlaneWindow<T, S> win{base, plane, Wp, -1};
-            store_lanes(gi + y * cols + x,
-                        instance_conv_grad_input<T>(wr, (int)B, (int)E, d, (int)e, win));
+            PlaneWindow<T, S> win{base, D > 1 ? plane : HW, Wp, -1};
+            T res[NE];
+            instance_conv_grad_inputs<NE, D>(wr, (int)B, (int)E, (int)e0, win, res);
+            for (int i = 0; i < NE; ++i)
+              store_lanes(gin + (r * E + e0 + i) * HW + y * cols + x, res[i]);
           });
         }
-      }
+      };
+      int64_t e = 0;
+      for (; e + 3 <= E; e += 3) run_block(std::integral_constant<int, 3>{}, e);
+      for (; e < E; ++e) run_block(std::integral_constant<int, 1>{}, e);
       // Weight and bias gradients: reductions over the pixels of each output channel.
       for (int64_t b = 0; b < B; ++b) {
-        const S* g = gsrc + b * H * W;
+        const S* g = gsrc + b * HW;
         std::fill(acc.begin(), acc.end(), P(S(0)));
         std::fill(acc_s.begin(), acc_s.end(), S(0));
         P gsum(S(0));
         S gsum_s = 0;
         for (int64_t y = 0; y < H; ++y) {
           int64_t x = 0;
+          const int64_t row = D > 1 ? Wp : W;
           for (; x + V <= W; x += V) {
             const P gv = P::load(g + y * W + x);
             gsum += gv;
-            const S* base = d > 1 ? src + y * Wp + x : src + y * W + x;
-            PlaneWindow<P, S> win{base, plane, d > 1 ? Wp : W, 1};
-            instance_conv_grad_weight_pixel(gv, (int)E, d, win, acc.data());
+            PlaneWindow<P, S> win{src + y * row + x, plane, row, 1};
+            instance_conv_grad_weight_pixel<D>(gv, (int)E, win, acc.data());
           }
           for (; x < W; ++x) {
             const S gv = g[y * W + x];
             gsum_s += gv;
-            const S* base = d > 1 ? src + y * Wp + x : src + y * W + x;
-            PlaneWindow<S, S> win{base, plane, d > 1 ? Wp : W, 1};
-            instance_conv_grad_weight_pixel(gv, (int)E, d, win, acc_s.data());
+            PlaneWindow<S, S> win{src + y * row + x, plane, row, 1};
+            instance_conv_grad_weight_pixel<D>(gv, (int)E, win, acc_s.data());
           }
         }
         S* gwb = gw + (r * B + b) * K;
@@ -189,6 +203,18 @@ void instance_conv_backward_cpu(const S* go, const S* in, const S* w, S* gin, S*
       }
     }
   }); });
+}
+
+// Calls fn(std::integral_constant<int, D>{}) for the runtime kernel size d in {1, 3, 5, 7}.
+template <typename Fn>
+void dispatch_kernel_size(int d, const Fn& fn) {
+  switch (d) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 5: return fn(std::integral_constant<int, 5>{});
+    case 7: return fn(std::integral_constant<int, 7>{});
+    default: TORCH_CHECK(false, "instance_aware_conv: kernel size must be 1, 3, 5 or 7, got ", d);
+  }
 }
 
 // --------------------------------- dynamic_mask_head ------------------------------------
@@ -353,10 +379,12 @@ at::Tensor instance_aware_conv_cpu(const at::Tensor& input, const at::Tensor& we
   auto out = at::empty({R, B, H, W}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "instance_aware_conv_cpu", [&] {
-    instance_conv_forward_cpu<scalar_t>(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                                        b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                                        out.data_ptr<scalar_t>(), R, B, E, H, W,
-                                        (int)w.size(3));
+    dispatch_kernel_size((int)w.size(3), [&](auto d) {
+      instance_conv_forward_cpu<decltype(d)::value, scalar_t>(
+          x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+          b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), R, B, E, H,
+          W);
+    });
   });
   return out;
 }
@@ -377,10 +405,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cpu(
   auto gb = at::zeros({R, B}, x.options());
   if (go.numel() == 0) return {gin, gw, gb};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "instance_aware_conv_backward_cpu", [&] {
-    instance_conv_backward_cpu<scalar_t>(go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                         w.data_ptr<scalar_t>(), gin.data_ptr<scalar_t>(),
-                                         gw.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), R, B,
-                                         E, H, W, (int)w.size(3));
+    dispatch_kernel_size((int)w.size(3), [&](auto d) {
+      instance_conv_backward_cpu<decltype(d)::value, scalar_t>(
+          go.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+          gin.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>(), R, B, E,
+          H, W);
+    });
   });
   return {gin, gw, gb};
 }

@@ -8,6 +8,13 @@ from .dynamic_conv import (
     parse_dynamic_params,
 )
 from .extension import axpy, extension_available, load_extension
+from .point_features import (
+    get_uncertain_point_coords_on_grid,
+    get_uncertain_point_coords_with_randomness,
+    point_sample,
+    point_sample_boxes,
+    point_sample_fine_grained_features,
+)
 
 __all__ = [
     "axpy",
@@ -18,4 +25,9 @@ __all__ = [
     "dynamic_mask_head_num_params",
     "parse_dynamic_params",
     "dynamic_kernel_product",
+    "point_sample",
+    "point_sample_boxes",
+    "point_sample_fine_grained_features",
+    "get_uncertain_point_coords_with_randomness",
+    "get_uncertain_point_coords_on_grid",
 ]

@@ -1,0 +1,44 @@
+// Argument checks of the point-sampling ops, shared by the CPU and CUDA entry points.
+#pragma once
+#include <torch/types.h>
+
+#include "core/macros.h"
+
+namespace d2seg {
+
+inline void check_sample_points_args(const at::Tensor& features, const at::Tensor& coords,
+                                     const c10::optional<at::Tensor>& boxes,
+                                     const c10::optional<at::Tensor>& batch_index) {
+  TORCH_CHECK(features.dim() == 4, "sample_points: features must be (N, C, H, W), got ",
+              features.sizes());
+  TORCH_CHECK(features.is_floating_point() && coords.scalar_type() == features.scalar_type(),
+              "sample_points: features and point coords must have the same floating dtype, got ",
+              features.scalar_type(), " and ", coords.scalar_type());
+  TORCH_CHECK(coords.dim() == 3 && coords.size(2) == 2,
+              "sample_points: point coords must be (R, P, 2), got ", coords.sizes());
+  D2SEG_CHECK_SAME_DEVICE(features, coords);
+  const bool has_boxes = boxes.has_value() && boxes->defined();
+  const bool has_index = batch_index.has_value() && batch_index->defined();
+  TORCH_CHECK(has_boxes == has_index,
+              "sample_points: boxes and batch_index must be given together");
+  if (has_boxes) {
+    const auto& b = *boxes;
+    const auto& i = *batch_index;
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == coords.size(0) && b.size(1) == 4,
+                "sample_points: boxes must be (R, 4) with R = ", coords.size(0), ", got ",
+                b.sizes());
+    TORCH_CHECK(b.scalar_type() == features.scalar_type(),
+                "sample_points: boxes must have the dtype of features");
+    TORCH_CHECK(i.dim() == 1 && i.size(0) == coords.size(0) && i.scalar_type() == at::kLong,
+                "sample_points: batch_index must be int64 (R,) with R = ", coords.size(0),
+                ", got ", i.sizes(), " ", i.scalar_type());
+    D2SEG_CHECK_SAME_DEVICE(features, b);
+    D2SEG_CHECK_SAME_DEVICE(features, i);
+  } else {
+    TORCH_CHECK(coords.size(0) == features.size(0),
+                "sample_points: point coords (N, P, 2) must have N = features.size(0) = ",
+                features.size(0), ", got ", coords.size(0));
+  }
+}
+
+}  // namespace d2seg

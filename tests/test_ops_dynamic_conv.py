@@ -1,0 +1,237 @@
+"""Compiled dynamic convolutions (d2seg.layers.dynamic_conv) against their pure-PyTorch
+references: values, gradients (gradcheck in float64), odd shapes, empty inputs,
+non-contiguous inputs, errors, and torch.compile."""
+import pytest
+import torch
+
+from d2seg.layers import dynamic_conv as dc
+from d2seg.layers.extension import extension_available
+
+pytestmark = pytest.mark.skipif(not extension_available(), reason="d2seg._C not built")
+
+f64 = torch.float64
+
+
+def _grads(out, inputs, seed=0):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, g, allow_unused=True)
+
+
+# ------------------------------------ instance_aware_conv ---------------------------------
+
+
+@pytest.mark.parametrize("d", [1, 3])
+@pytest.mark.parametrize("shape", [(3, 9, 16, 16, 20), (2, 4, 5, 7, 3), (1, 1, 1, 1, 1)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_instance_aware_conv_matches_grouped_conv(d, shape, with_bias):
+    R, E, H, W, B = shape
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(R, E, H, W, dtype=f64, generator=g, requires_grad=True)
+    w = torch.randn(R, B, E, d, d, dtype=f64, generator=g, requires_grad=True)
+    b = torch.randn(R, B, dtype=f64, generator=g, requires_grad=True) if with_bias else None
+    out = dc.instance_aware_conv(x, w, b)
+    ref = dc.instance_aware_conv_reference(x, w, b)
+    assert out.shape == (R, B, H, W)
+    torch.testing.assert_close(out, ref)
+    inputs = [x, w] + ([b] if with_bias else [])
+    for a, r in zip(_grads(out, inputs), _grads(ref, inputs)):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_instance_aware_conv_gradcheck(d):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 4, 5, dtype=f64, generator=g, requires_grad=True)
+    w = torch.randn(2, 4, 3, d, d, dtype=f64, generator=g, requires_grad=True)
+    b = torch.randn(2, 4, dtype=f64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(dc.instance_aware_conv, (x, w, b))
+
+
+def test_instance_aware_conv_float32_pointins_size_and_noncontiguous():
+    g = torch.Generator().manual_seed(3)
+    # PointINS: E=9 templates of 16x16, B=256 (fewer instances to keep the test short)
+    x = torch.randn(16, 16, 9, 16, generator=g).permute(0, 2, 1, 3)  # non-contiguous
+    w = torch.randn(16, 256, 9, 1, 1, generator=g) * 0.3
+    b = torch.randn(256, 16, generator=g).t()  # non-contiguous
+    assert not x.is_contiguous() and not b.is_contiguous()
+    torch.testing.assert_close(dc.instance_aware_conv(x, w, b), dc.instance_aware_conv_reference(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+def test_instance_aware_conv_empty():
+    x = torch.zeros(0, 9, 16, 16, requires_grad=True)
+    w = torch.zeros(0, 256, 9, 1, 1, requires_grad=True)
+    out = dc.instance_aware_conv(x, w, torch.zeros(0, 256))
+    assert out.shape == (0, 256, 16, 16)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+
+
+def test_instance_aware_conv_errors():
+    x = torch.randn(2, 9, 8, 8)
+    with pytest.raises(ValueError, match="R and E must agree"):
+        dc.instance_aware_conv(x, torch.randn(3, 4, 9, 1, 1))
+    with pytest.raises(ValueError, match="odd size"):
+        dc.instance_aware_conv(x, torch.randn(2, 4, 9, 2, 2))
+    with pytest.raises(ValueError, match="bias must be"):
+        dc.instance_aware_conv(x, torch.randn(2, 4, 9, 1, 1), torch.randn(2, 5))
+    with pytest.raises(ValueError, match="same device"):
+        dc.instance_aware_conv(x, torch.randn(2, 4, 9, 1, 1, device="meta"))
+    # the op itself raises a RuntimeError with a message, not a crash
+    with pytest.raises(RuntimeError, match="does not match input"):
+        torch.ops.d2seg.instance_aware_conv(x, torch.randn(3, 4, 9, 1, 1), None)
+    with pytest.raises(RuntimeError, match="same floating dtype"):
+        torch.ops.d2seg.instance_aware_conv(x, torch.randn(2, 4, 9, 1, 1, dtype=f64), None)
+
+
+# ------------------------------------- dynamic_mask_head ----------------------------------
+
+
+def _head_inputs(N=2, C=8, H=7, W=13, R=5, channels=8, num_layers=3, rel=True, dtype=f64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(N, C, H, W, dtype=dtype, generator=g, requires_grad=True)
+    inds = torch.randint(0, N, (R,), generator=g)
+    P = dc.dynamic_mask_head_num_params(C + (2 if rel else 0), channels, num_layers)
+    params = (torch.randn(R, P, dtype=dtype, generator=g) * 0.5).requires_grad_()
+    locs = torch.rand(R, 2, dtype=dtype, generator=g) * 8 * max(H, W) if rel else None
+    scales = torch.rand(R, dtype=dtype, generator=g) * 64 + 16 if rel else None
+    return feats, inds, params, locs, scales
+
+
+def test_condinst_default_has_169_params():
+    assert dc.dynamic_mask_head_num_params(8 + 2, 8, 3) == 169
+
+
+def test_dynamic_mask_head_follows_adelaidet_layout_by_hand():
+    """One pixel computed by hand from the flat vector: weights (out, in) row-major of all
+    layers first, then all biases; relative coordinates (x, then y) first."""
+    feats, inds, params, locs, scales = _head_inputs(R=1, H=3, W=4)
+    out = dc.dynamic_mask_head(feats, inds, params, instance_locations=locs, scales=scales, mask_feat_stride=8)
+    p = params[0].detach()
+    y, x = 2, 1
+    n = int(inds[0])
+    rel = torch.stack([(locs[0, 0] - (x * 8 + 4)) / scales[0], (locs[0, 1] - (y * 8 + 4)) / scales[0]])
+    v = torch.cat([rel, feats[n, :, y, x].detach()])
+    w1, w2, w3 = p[:80].view(8, 10), p[80:144].view(8, 8), p[144:152].view(1, 8)
+    b1, b2, b3 = p[152:160], p[160:168], p[168:169]
+    h = torch.relu(w1 @ v + b1)
+    h = torch.relu(w2 @ h + b2)
+    expected = (w3 @ h + b3)[0]
+    torch.testing.assert_close(out[0, 0, y, x], expected)
+
+
+@pytest.mark.parametrize(
+    "C,H,W,channels,num_layers,rel",
+    [(8, 7, 13, 8, 3, True), (8, 9, 16, 8, 3, False), (3, 5, 11, 5, 4, True), (16, 4, 9, 8, 1, False), (4, 1, 1, 3, 2, True)],
+)
+def test_dynamic_mask_head_matches_reference(C, H, W, channels, num_layers, rel):
+    feats, inds, params, locs, scales = _head_inputs(C=C, H=H, W=W, channels=channels, num_layers=num_layers, rel=rel)
+    kw = dict(channels=channels, num_layers=num_layers, instance_locations=locs, scales=scales, mask_feat_stride=4)
+    out = dc.dynamic_mask_head(feats, inds, params, **kw)
+    ref = dc.dynamic_mask_head_reference(feats, inds, params, **kw)
+    assert out.shape == (params.shape[0], 1, H, W)
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(_grads(out, [feats, params]), _grads(ref, [feats, params])):
+        torch.testing.assert_close(a, r)
+
+
+def test_dynamic_mask_head_gradcheck():
+    feats, inds, params, locs, scales = _head_inputs(N=2, C=3, H=3, W=5, R=3)
+    fn = lambda f, p: dc.dynamic_mask_head(f, inds, p, instance_locations=locs, scales=scales)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (feats, params))
+
+
+def test_dynamic_mask_head_float32_condinst_size_noncontiguous():
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(2, 50, 68, 8, generator=g).permute(0, 3, 1, 2)  # (2, 8, 50, 68), non-contiguous
+    inds = torch.randint(0, 2, (20,), generator=g)
+    params = torch.randn(20, 169, generator=g) * 0.3
+    locs = torch.rand(20, 2, generator=g) * 400
+    scales = torch.tensor([64.0, 128.0]).repeat(10)
+    kw = dict(instance_locations=locs, scales=scales)
+    torch.testing.assert_close(
+        dc.dynamic_mask_head(feats, inds, params, **kw), dc.dynamic_mask_head_reference(feats, inds, params, **kw), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_dynamic_mask_head_empty_and_images_without_instances():
+    feats, inds, params, locs, scales = _head_inputs(R=0)
+    out = dc.dynamic_mask_head(feats, inds, params, instance_locations=locs, scales=scales)
+    assert out.shape == (0, 1, 7, 13)
+    out.sum().backward()
+    assert feats.grad.abs().sum() == 0
+    # all instances in image 1: image 0's feature gradient stays zero
+    feats, _, params, locs, scales = _head_inputs(R=3)
+    out = dc.dynamic_mask_head(feats, torch.ones(3, dtype=torch.int64), params, instance_locations=locs, scales=scales)
+    out.sum().backward()
+    assert feats.grad[0].abs().sum() == 0 and feats.grad[1].abs().sum() > 0
+
+
+def test_dynamic_mask_head_errors():
+    feats, inds, params, locs, scales = _head_inputs()
+    with pytest.raises(ValueError, match="169 values per instance"):
+        dc.dynamic_mask_head(feats, inds, params[:, :-1], instance_locations=locs)
+    with pytest.raises(ValueError, match="im_inds must be"):
+        dc.dynamic_mask_head(feats, inds[:-1], params, instance_locations=locs)
+    with pytest.raises(ValueError, match="instance_locations must be"):
+        dc.dynamic_mask_head(feats, inds, params, instance_locations=locs[:, :1])
+    with pytest.raises(ValueError, match="same device"):
+        dc.dynamic_mask_head(feats, inds, params.to("meta"), instance_locations=locs)
+    with pytest.raises(RuntimeError, match=r"im_inds must be in \[0, N\)"):
+        torch.ops.d2seg.dynamic_mask_head(feats, inds + 5, params, locs, scales, 8, 3, 8)
+    with pytest.raises(RuntimeError, match="params must have 169"):
+        torch.ops.d2seg.dynamic_mask_head(feats, inds, params[:, :5], locs, scales, 8, 3, 8)
+
+
+def test_dynamic_kernel_product():
+    g = torch.Generator().manual_seed(7)
+    k = torch.randn(6, 32, dtype=f64, generator=g, requires_grad=True)
+    f = torch.randn(3, 32, 5, 9, dtype=f64, generator=g, requires_grad=True)
+    inds = torch.tensor([2, 0, 0, 1, 2, 2])
+    out = dc.dynamic_kernel_product(k, f, inds)
+    torch.testing.assert_close(out, torch.einsum("rc,rchw->rhw", k, f[inds]))
+    # the same computation as the one-layer dynamic head with a zero bias
+    params = torch.cat([k, torch.zeros(6, 1, dtype=f64)], dim=1)
+    torch.testing.assert_close(out, dc.dynamic_mask_head(f, inds, params, num_layers=1)[:, 0])
+
+
+# ---------------------------------------- torch.compile -----------------------------------
+
+
+def test_ops_work_under_torch_compile():
+    feats, inds, params, locs, scales = _head_inputs(dtype=torch.float32)
+    x = torch.randn(2, 9, 6, 6, requires_grad=True)
+    w = torch.randn(2, 5, 9, 3, 3, requires_grad=True)
+
+    def fn(feats, params, x, w):
+        m = dc.dynamic_mask_head(feats, inds, params, instance_locations=locs, scales=scales)
+        return m.sigmoid().sum() + dc.instance_aware_conv(x, w).square().sum()
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    args = (feats, params, x, w)
+    eager = fn(*args)
+    ge = torch.autograd.grad(eager, args)
+    comp = compiled(*args)
+    gc = torch.autograd.grad(comp, args)
+    torch.testing.assert_close(comp, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_cuda_matches_cpu():
+    feats, inds, params, locs, scales = _head_inputs(dtype=torch.float32)
+    kw = dict(instance_locations=locs, scales=scales)
+    out = dc.dynamic_mask_head(feats, inds, params, **kw)
+    cuda = lambda t: t.detach().cuda().requires_grad_(t.requires_grad)  # noqa: E731
+    fc, pc = cuda(feats), cuda(params)
+    outc = dc.dynamic_mask_head(fc, inds.cuda(), pc, instance_locations=locs.cuda(), scales=scales.cuda())
+    torch.testing.assert_close(outc.cpu(), out, atol=1e-4, rtol=1e-4)
+    g = torch.randn_like(out)
+    ga = torch.autograd.grad(out, [feats, params], g)
+    gb = torch.autograd.grad(outc, [fc, pc], g.cuda())
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-3, rtol=1e-3)
+    x = torch.randn(3, 9, 16, 16)
+    for d in (1, 3):
+        w = torch.randn(3, 8, 9, d, d)
+        torch.testing.assert_close(dc.instance_aware_conv(x.cuda(), w.cuda()).cpu(), dc.instance_aware_conv(x, w), atol=1e-4, rtol=1e-4)
