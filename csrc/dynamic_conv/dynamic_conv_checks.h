@@ -2,6 +2,7 @@
 // (host code only): every problem raises a RuntimeError that names it.
 #pragma once
 #include <torch/types.h>
+#include <type_traits>
 
 #include "core/macros.h"
 #include "dynamic_conv/dynamic_conv.h"
@@ -85,6 +86,19 @@ inline DynLayout check_dynamic_mask_head_args(const at::Tensor& mask_feats,
               " channels on ", in_channels, " inputs (C = ", mask_feats.size(1),
               rel ? " + 2 relative coordinates" : "", "), got ", params.size(1));
   return L;
+}
+
+// Shared by the CPU and CUDA files.
+// Calls fn(std::integral_constant<int, D>{}) for the runtime kernel size d in {1, 3, 5, 7}.
+template <typename Fn>
+void dispatch_kernel_size(int d, const Fn& fn) {
+  switch (d) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 5: return fn(std::integral_constant<int, 5>{});
+    case 7: return fn(std::integral_constant<int, 7>{});
+    default: TORCH_CHECK(false, "instance_aware_conv: kernel size must be 1, 3, 5 or 7, got ", d);
+  }
 }
 
 }  // namespace d2seg

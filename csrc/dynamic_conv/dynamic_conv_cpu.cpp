@@ -205,18 +205,6 @@ void instance_conv_backward_cpu(const S* go, const S* in, const S* w, S* gin, S*
   }); });
 }
 
-// Calls fn(std::integral_constant<int, D>{}) for the runtime kernel size d in {1, 3, 5, 7}.
-template <typename Fn>
-void dispatch_kernel_size(int d, const Fn& fn) {
-  switch (d) {
-    case 1: return fn(std::integral_constant<int, 1>{});
-    case 3: return fn(std::integral_constant<int, 3>{});
-    case 5: return fn(std::integral_constant<int, 5>{});
-    case 7: return fn(std::integral_constant<int, 7>{});
-    default: TORCH_CHECK(false, "instance_aware_conv: kernel size must be 1, 3, 5 or 7, got ", d);
-  }
-}
-
 // --------------------------------- dynamic_mask_head ------------------------------------
 
 template <typename S>
