@@ -9,3 +9,4 @@ from d2seg import pointrend  # noqa: F401,E402  (PointRend: instance and semanti
 from d2seg import condinst  # noqa: F401,E402  (CondInst)
 from d2seg import meinst  # noqa: F401,E402  (MEInst: mask encoding on FCOS)
 from d2seg import blendmask  # noqa: F401,E402  (BlendMask)
+from d2seg import pointins  # noqa: F401,E402  (PointINS: RetinaNet and FCOS variants)
