@@ -1,0 +1,177 @@
+"""PointINS models end to end on tiny inputs: both variants train (losses, gradients,
+zero-instance batches), the RetinaNet candidates respect IoU(anchor, GT) > threshold,
+inference pastes masks inside their boxes and handles zero detections, config errors."""
+import os
+
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances, pairwise_iou
+from detectron2.utils.events import EventStorage
+
+from d2seg.config import get_d2seg_cfg
+
+from conftest import CONFIGS
+
+SIZE = 64
+SMALL = [
+    "MODEL.POINTINS.TEMPLATE_SIZE", "8", "MODEL.POINTINS.NUM_FILTERS", "16",
+    "MODEL.POINTINS.MASK_HEAD.NUM_CONV", "1", "MODEL.POINTINS.MASK_HEAD.CONV_DIM", "32",
+    "MODEL.RESNETS.DEPTH", "18",
+]
+RETINA = os.path.join(CONFIGS, "PointINS", "pointins_retinanet_R18_shapes.yaml")
+FCOS = os.path.join(CONFIGS, "PointINS", "pointins_fcos_R18_shapes.yaml")
+
+
+def _cfg(path, *opts):
+    cfg = get_d2seg_cfg()
+    cfg.merge_from_file(path)
+    extra = ["MODEL.RETINANET.NUM_CONVS", "1"] if "retinanet" in path else [
+        "MODEL.FCOS.NUM_CLS_CONVS", "1", "MODEL.FCOS.NUM_BOX_CONVS", "1", "MODEL.FCOS.SIZES_OF_INTEREST", "[16, 32, 64, 128]"]
+    cfg.merge_from_list(SMALL + extra + list(opts))
+    return cfg
+
+
+def _model(path, *opts):
+    torch.manual_seed(0)
+    return build_model(_cfg(path, *opts))
+
+
+def _inputs(n=2, empty=()):
+    out = []
+    for i in range(n):
+        inst = Instances((SIZE, SIZE))
+        m = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
+        m[0, 4:30, 6:40] = True
+        m[1, 28:60, 20 + i:52] = True
+        if i in empty:
+            m = m[:0]
+        inst.gt_masks = BitMasks(m)
+        inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
+        inst.gt_classes = torch.tensor([0, 1])[: len(m)]
+        g = torch.Generator().manual_seed(i)
+        out.append({"image": torch.rand(3, SIZE, SIZE, generator=g) * 255, "instances": inst,
+                    "height": SIZE, "width": SIZE})
+    return out
+
+
+@pytest.mark.parametrize("path,det_keys", [
+    (RETINA, {"loss_cls", "loss_box_reg"}), (FCOS, {"loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"})])
+def test_training_losses_and_gradients(path, det_keys):
+    model = _model(path)
+    model.train()
+    with EventStorage() as storage:
+        losses = model(_inputs())
+        assert set(losses) == det_keys | {"loss_mask"}
+        assert all(torch.isfinite(v) for v in losses.values())
+        assert losses["loss_mask"].item() > 0
+        sum(losses.values()).backward()
+        assert storage.latest()["pointins/num_sampled"][0] > 0
+    branch = model.mask_branch if hasattr(model, "mask_branch") else model.mask_head.mask_branch
+    assert branch.upscale.weight.grad.abs().sum() > 0
+    assert branch.instance_aware_weights[0].weight.grad.abs().sum() > 0
+    assert branch.mask_head.predictor.weight.grad.abs().sum() > 0
+    assert branch.instance_aware_weights[0].in_features == (10 if path == RETINA else 7)
+
+
+@pytest.mark.parametrize("path", [RETINA, FCOS])
+def test_zero_positives_in_batch(path):
+    model = _model(path)
+    model.train()
+    with EventStorage():
+        losses = model(_inputs(empty=(0, 1)))
+        assert losses["loss_mask"].item() == 0.0
+        sum(losses.values()).backward()
+    branch = model.mask_branch if hasattr(model, "mask_branch") else model.mask_head.mask_branch
+    assert branch.upscale.weight.grad is not None  # connected, zero
+    assert branch.upscale.weight.grad.abs().sum() == 0
+    # One empty image among non-empty ones also trains.
+    with EventStorage():
+        losses = model(_inputs(empty=(1,)))
+    assert torch.isfinite(losses["loss_mask"]) and losses["loss_mask"].item() > 0
+
+
+def test_retinanet_candidates_respect_anchor_iou():
+    model = _model(RETINA, "MODEL.POINTINS.ANCHOR_IOU_THRESH", "0.3")
+    model.train()
+    inputs = _inputs()
+    images = model.preprocess_image(inputs)
+    feats = [model.backbone(images.tensor)[f] for f in model.head_in_features]
+    logits, reg, towers = model.head(feats)
+    _, deltas = model._transpose_dense_predictions([logits, reg], [model.num_classes, 4])
+    anchors = model.anchor_generator(feats)
+    gts = [x["instances"] for x in inputs]
+    cands = model.mask_candidates(images, feats, anchors, deltas, gts)
+    all_anchors = Boxes.cat(anchors)
+    for i, gt in enumerate(gts):
+        iou = pairwise_iou(gt.gt_boxes, all_anchors)
+        best, arg = iou.max(0)
+        sel = cands.im_inds == i
+        assert int(sel.sum()) == int((best > 0.3).sum()) > 0
+        # anchor column and its IoU, GT column
+        ious_here = pairwise_iou(Boxes(cands.anchors[sel]), gt.gt_boxes)
+        assert (ious_here[torch.arange(int(sel.sum())), cands.gt_inds[sel]] > 0.3).all()
+        torch.testing.assert_close(cands.box_ious[sel, 0], ious_here[torch.arange(int(sel.sum())), cands.gt_inds[sel]])
+        torch.testing.assert_close(cands.target_boxes[sel, 1], gt.gt_boxes.tensor[cands.gt_inds[sel]])
+        torch.testing.assert_close(cands.target_boxes[sel, 0], cands.anchors[sel])
+    # the cell of each candidate: its anchor centre lies in that cell's stride square
+    ctr = (cands.anchors[:, :2] + cands.anchors[:, 2:]) / 2
+    assert torch.allclose(ctr[:, 0], (cands.xs.float() + 0.5) * cands.strides, atol=cands.strides.max().item() / 2)
+
+
+@pytest.mark.parametrize("path,thresh_key", [
+    (RETINA, "MODEL.RETINANET.SCORE_THRESH_TEST"), (FCOS, "MODEL.FCOS.INFERENCE_TH_TEST")])
+def test_inference_masks_inside_boxes_and_zero_detections(path, thresh_key):
+    model = _model(path, thresh_key, "0.0")
+    model.eval()
+    branch = model.mask_branch if hasattr(model, "mask_branch") else model.mask_head.mask_branch
+    with torch.no_grad():
+        branch.mask_head.predictor.bias.fill_(20.0)  # every mask pixel on: the mask is the box
+        out = model(_inputs(n=1))[0]["instances"]
+    assert 0 < len(out) <= 100
+    masks = out.pred_masks
+    assert masks.shape == (len(out), SIZE, SIZE) and masks.dtype == torch.bool
+    ys = torch.arange(SIZE)[None, :, None] + 0.5
+    xs = torch.arange(SIZE)[None, None, :] + 0.5
+    b = out.pred_boxes.tensor[:, :, None, None]
+    inside = (xs >= b[:, 0] - 1) & (xs <= b[:, 2] + 1) & (ys >= b[:, 1] - 1) & (ys <= b[:, 3] + 1)
+    assert not (masks & ~inside).any()  # nothing outside its box
+    big = out.pred_boxes.area() > 16
+    core = (xs >= b[:, 0] + 1) & (xs <= b[:, 2] - 1) & (ys >= b[:, 1] + 1) & (ys <= b[:, 3] - 1)
+    assert (masks | ~core)[big].all()  # and the box filled
+
+    model = _model(path, thresh_key, "1.0")  # no detection at all
+    model.eval()
+    with torch.no_grad():
+        out = model(_inputs(n=2))
+    for r in out:
+        assert len(r["instances"]) == 0 and r["instances"].pred_masks.shape == (0, SIZE, SIZE)
+
+
+def test_mask_loss_decreases():
+    model = _model(FCOS)
+    model.train()
+    inputs = _inputs()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    history = []
+    with EventStorage():
+        for _ in range(20):
+            losses = model(inputs)
+            history.append(losses["loss_mask"].item())
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+    assert sum(history[-5:]) / 5 < 0.75 * history[0]
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="YIELD_BOX_FEATURES"):
+        _model(FCOS, "MODEL.FCOS.YIELD_BOX_FEATURES", "False")
+    with pytest.raises(ValueError, match="SAMPLE_RATIOS"):
+        _model(FCOS, "MODEL.POINTINS.SAMPLE_RATIOS", "[0.05, 0.05, 0.9]")
+    with pytest.raises(ValueError, match="INSTANCE_INFO"):
+        _model(RETINA, "MODEL.POINTINS.INSTANCE_INFO", "['anchor', 'size']")
+    # the ablation of Tables 3-4: I^z from the feature map
+    model = _model(RETINA, "MODEL.POINTINS.INSTANCE_INFO", "[]")
+    assert model.mask_branch.instance_aware_weights[0].in_features == 64  # the FPN channels
