@@ -540,3 +540,30 @@ def test_refiner_on_sparseinst_trains_and_refines(monkeypatch):
     m[0, 2:6, 4:8] = 1
     torch.testing.assert_close(masks_to_boxes_xyxy(m, 1.0), torch.tensor([[4.0, 2.0, 8.0, 6.0]]))
     torch.testing.assert_close(masks_to_boxes_xyxy(m, 2.0), torch.tensor([[2.0, 0.0, 10.0, 8.0]]))
+
+
+# ----------------------------------------------------------------------------- semantic, end to end
+def test_semantic_shapes_config_trains_and_reports_miou(tmp_path):
+    """tools/train_net.py on the semantic shapes config: a few iterations on the semantic form
+    of the built-in data set, then Detectron2's SemSegEvaluator on shapes_sem_seg_val."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import CONFIGS, TOOLS, tiny_opts
+
+    cfg = os.path.join(CONFIGS, "PointRend", "pointrend_semantic_R18_shapes.yaml")
+    res = subprocess.run(
+        [sys.executable, os.path.join(TOOLS, "train_net.py"), "--config-file", cfg]
+        + tiny_opts(tmp_path, max_iter=4, SOLVER__CHECKPOINT_PERIOD=1000,
+                    MODEL__POINTREND__SEM_SEG__TRAIN_NUM_POINTS=256,
+                    MODEL__POINTREND__SEM_SEG__SUBDIVISION_NUM_POINTS=256),
+        capture_output=True, text=True, timeout=600)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert "loss_sem_seg_point" in log
+    m = re.search(r"copypaste: mIoU,fwIoU,mACC,pACC\n.*copypaste: ([0-9.]+),", log)
+    assert m, log[-3000:]
+    assert 0.0 <= float(m.group(1)) <= 100.0
+    assert (tmp_path / "model_final.pth").exists()
