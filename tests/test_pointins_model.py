@@ -115,9 +115,12 @@ def test_retinanet_candidates_respect_anchor_iou():
         torch.testing.assert_close(cands.box_ious[sel, 0], ious_here[torch.arange(int(sel.sum())), cands.gt_inds[sel]])
         torch.testing.assert_close(cands.target_boxes[sel, 1], gt.gt_boxes.tensor[cands.gt_inds[sel]])
         torch.testing.assert_close(cands.target_boxes[sel, 0], cands.anchors[sel])
-    # the cell of each candidate: its anchor centre lies in that cell's stride square
+    # the cell of each candidate is its anchor's: Detectron2 centres anchors at
+    # (column, row) * stride (ANCHOR_GENERATOR.OFFSET = 0)
     ctr = (cands.anchors[:, :2] + cands.anchors[:, 2:]) / 2
-    assert torch.allclose(ctr[:, 0], (cands.xs.float() + 0.5) * cands.strides, atol=cands.strides.max().item() / 2)
+    torch.testing.assert_close(ctr[:, 0], cands.xs.float() * cands.strides)
+    torch.testing.assert_close(ctr[:, 1], cands.ys.float() * cands.strides)
+    assert len(set(cands.levels.tolist())) >= 1
 
 
 @pytest.mark.parametrize("path,thresh_key", [
@@ -175,3 +178,29 @@ def test_config_errors():
     # the ablation of Tables 3-4: I^z from the feature map
     model = _model(RETINA, "MODEL.POINTINS.INSTANCE_INFO", "[]")
     assert model.mask_branch.instance_aware_weights[0].in_features == 64  # the FPN channels
+
+
+def test_fcos_candidates_are_fcos_positives_with_their_cells_and_boxes():
+    model = _model(FCOS)
+    model.train()
+    inputs = _inputs()
+    images = model.preprocess_image(inputs)
+    feats = model.backbone(images.tensor)
+    gts = [x["instances"] for x in inputs]
+    with EventStorage():
+        out = model.proposal_generator(images, feats, gts)
+    cands = model.mask_head.mask_candidates(out, gts)
+    pos = out.positives
+    assert len(cands.im_inds) == len(pos) > 0
+    s = cands.strides
+    # FCOS locations are (column, row) * stride + stride // 2
+    torch.testing.assert_close(pos.locations[:, 0].float(), cands.xs.float() * s + (s // 2))
+    torch.testing.assert_close(pos.locations[:, 1].float(), cands.ys.float() * s + (s // 2))
+    for r in range(len(pos)):
+        i, g = pos.im_inds[r].item(), pos.gt_inds[r].item()
+        torch.testing.assert_close(cands.target_boxes[r, 1], gts[i].gt_boxes.tensor[g])
+    x, y = pos.locations[:, 0], pos.locations[:, 1]
+    d = pos.reg_pred.detach() * s[:, None]
+    reg = torch.stack([x - d[:, 0], y - d[:, 1], x + d[:, 2], y + d[:, 3]], 1).clamp(0, SIZE)
+    torch.testing.assert_close(cands.target_boxes[:, 2], reg)
+    assert (cands.box_ious[:, 0] < 0).all() and (cands.box_ious[:, 1] == 1).all()
