@@ -6,12 +6,26 @@ under the final name, and ``--resume`` then fails on it (or, worse, on a file th
 to unpickle). Here every file is written to a temporary name in the same folder, flushed
 to disk, and atomically renamed; ``last_checkpoint`` is updated the same way, only after
 the checkpoint itself is complete.
+
+Loading (``MODEL.WEIGHTS``) goes through :mod:`d2seg.model_zoo`:
+- ``d2seg://<name>`` and http(s) URLs are downloaded into a cache and checked against the
+  model zoo's sha256 (a URL without a known checksum needs an explicit opt-in);
+- ``.pth`` files are read with ``torch.load(weights_only=True)``; Detectron2 ``.pkl`` files
+  only when verified against the zoo's table or with ``allow_pickle`` /
+  ``D2SEG_ALLOW_PICKLE=1``;
+- a recognised foreign layout (AdelaiDet, Detectron2's first PointRend checkpoints) is
+  converted to d2seg's names, with a log line saying so; stale buffers (``pixel_mean``,
+  ``_iter``, ...) are dropped;
+- a checkpoint that shares no key with the model is refused, naming the keys on both sides.
 """
 import os
 import tempfile
+from urllib.parse import parse_qs
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+
+from d2seg.model_zoo import download as _zoo_download  # noqa: F401  (registers d2seg:// in PathManager)
 
 
 def _atomic_write(path, write_fn, mode="wb"):
@@ -32,7 +46,74 @@ def _atomic_write(path, write_fn, mode="wb"):
 
 class AtomicCheckpointer(DetectionCheckpointer):
     """:class:`DetectionCheckpointer` with atomic writes of checkpoints and of the
-    ``last_checkpoint`` tag. Local paths only for writing (as Detectron2's trainer uses)."""
+    ``last_checkpoint`` tag (local paths only for writing, as Detectron2's trainer uses),
+    and checked, safe, converting loads (see the module docstring).
+
+    Args (besides DetectionCheckpointer's):
+        allow_pickle: read ``.pkl`` files that are not verified by the zoo's checksum
+            table (None: the D2SEG_ALLOW_PICKLE environment variable decides).
+        allow_unverified: use URLs whose sha256 is unknown (None: D2SEG_ALLOW_UNVERIFIED).
+    """
+
+    def __init__(self, model, save_dir="", *, allow_pickle=None, allow_unverified=None, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.allow_pickle = allow_pickle
+        self.allow_unverified = allow_unverified
+        self._verified_file = None
+
+    def load(self, path, *args, **kwargs):
+        from d2seg.model_zoo.download import resolve_weights
+
+        self._verified_file = None
+        if path and not os.path.isfile(path):
+            local, verified = resolve_weights(path, allow_unverified=self.allow_unverified)
+            if local != path:
+                self.logger.info(f"{path} resolved to {local}" + (" (sha256 verified)" if verified else ""))
+                self._verified_file = local if verified else None
+                path = local
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._verified_file = None
+
+    def _load_file(self, filename):
+        from d2seg.model_zoo.loading import load_checkpoint_file, pickle_allowed
+
+        if filename.endswith(".pkl") or filename.endswith(".pyth"):
+            allowed = pickle_allowed(self.allow_pickle) or filename == self._verified_file
+            if not allowed:
+                load_checkpoint_file(filename, allow_pickle=False)  # raises the explanation
+            return super()._load_file(filename)
+        loaded = load_checkpoint_file(filename, allow_pickle=self.allow_pickle)
+        if not isinstance(loaded, dict):
+            raise TypeError(f"{filename}: a checkpoint must hold a dict, got {type(loaded).__name__}")
+        if "model" not in loaded:
+            loaded = {"model": loaded}
+        # Detectron2's "?matching_heuristics=True" suffix on the path, as its loader reads it.
+        parsed = getattr(self, "_parsed_url_during_load", None)
+        if parsed is not None and parse_qs(parsed.query).get("matching_heuristics") == ["True"]:
+            loaded["matching_heuristics"] = True
+        return loaded
+
+    def _load_model(self, checkpoint):
+        from d2seg.model_zoo.converters import compare_with_model, convert_state_dict, mismatch_message
+
+        if not checkpoint.get("matching_heuristics", False):
+            target = self.model.state_dict()
+            result = convert_state_dict(checkpoint["model"], target_keys=target.keys(), renaming_only=True)
+            if result.converter is not None:
+                self.logger.info(f"Recognised a {result.converter.description} checkpoint; "
+                                 f"converted to d2seg's names ({result.summary()})")
+            if result.dropped:
+                self.logger.info("Dropped buffers the model recomputes: "
+                                 + ", ".join(f"{k} ({why})" for k, why in sorted(result.dropped.items())[:10])
+                                 + (" ..." if len(result.dropped) > 10 else ""))
+            checkpoint["model"] = result.state_dict
+            missing, unexpected, shapes = compare_with_model(result.state_dict, target)
+            if result.state_dict and len(missing) == len([k for k in target if not k.endswith("num_batches_tracked")]):
+                raise RuntimeError(mismatch_message(missing, unexpected, shapes,
+                                                    "the checkpoint (it shares no key with the model)"))
+        return super()._load_model(checkpoint)
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:

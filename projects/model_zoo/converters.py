@@ -331,8 +331,15 @@ def mismatch_message(missing, unexpected, shapes, what="the checkpoint", limit=2
     def fmt(title, items):
         if not items:
             return ""
-        more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-        return f"\n  {title} ({len(items)}): " + ", ".join(items[:limit]) + more
+        text = f"\n  {title} ({len(items)}): " + ", ".join(items[:limit])
+        if len(items) > limit:
+            groups = {}
+            for k in items:
+                g = ".".join(k.split(":")[0].split(".")[:2])
+                groups[g] = groups.get(g, 0) + 1
+            text += f" ... and {len(items) - limit} more; by module: " + ", ".join(
+                f"{g}.* ({n})" for g, n in sorted(groups.items()))
+        return text
 
     return (f"{what} does not match the model:" + fmt("missing in the checkpoint", missing)
             + fmt("unexpected (not in the model)", unexpected) + fmt("shape mismatches", shapes))

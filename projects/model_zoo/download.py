@@ -214,7 +214,9 @@ class D2SegHandler(PathHandler):
     def _get_supported_prefixes(self):
         return [PREFIX]
 
-    def _get_local_path(self, path, **kwargs):
+    def _get_local_path(self, path, force=False, **kwargs):
+        # ``force`` (re-download) is what PathManager passes for URLs; a cached file is
+        # re-verified on every use here, so there is nothing to force.
         self._check_kwargs(kwargs)
         return resolve_weights(path)[0]
 
