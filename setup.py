@@ -86,13 +86,22 @@ def get_packages():
     return packages
 
 
+def get_package_data():
+    # configs/ ships inside the package as d2seg/model_zoo/configs (see d2seg.model_zoo).
+    configs = os.path.join(ROOT, "configs")
+    files = [os.path.relpath(os.path.join(d, f), configs).replace(os.sep, "/")
+             for d, _, fs in os.walk(configs) for f in fs if f.endswith(".yaml")]
+    return {"d2seg.model_zoo.configs": sorted(files)}
+
+
 setup(
     name="d2seg",
     version="0.1.0",
     description="Instance and semantic segmentation methods for Detectron2",
     python_requires=">=3.9",
-    packages=get_packages(),
-    package_dir={"d2seg": "projects"},
+    packages=get_packages() + ["d2seg.model_zoo.configs"],
+    package_dir={"d2seg": "projects", "d2seg.model_zoo.configs": "configs"},
+    package_data=get_package_data(),
     ext_modules=get_extensions(),
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,
