@@ -274,7 +274,7 @@ def test_checkpointer_downloads_and_converts(server, cache, entry, condinst, cap
     entry("test/condinst", base + "/CondInst_MS_R_18.pth", _sha(body), converter="adelaidet-condinst")
     with caplog.at_level(logging.INFO):
         AtomicCheckpointer(model).load("d2seg://test/condinst")
-    assert "Recognised a AdelaiDet CondInst" in caplog.text and "sha256 verified" in caplog.text
+    assert "Recognised the checkpoint layout of AdelaiDet CondInst" in caplog.text and "sha256 verified" in caplog.text
     assert torch.equal(model.mask_head.controller.weight, src["controller.weight"])
     assert torch.equal(model.backbone.bottom_up.stem.conv1.weight, src["backbone.bottom_up.stem.conv1.weight"])
     # the same file by its URL (found in the table, so checked) loads as well

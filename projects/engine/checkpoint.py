@@ -60,11 +60,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.allow_pickle = allow_pickle
         self.allow_unverified = allow_unverified
         self._verified_file = None
+        self._requested = None
 
     def load(self, path, *args, **kwargs):
         from d2seg.model_zoo.download import resolve_weights
 
         self._verified_file = None
+        self._requested = path
         if path and not os.path.isfile(path):
             local, verified = resolve_weights(path, allow_unverified=self.allow_unverified)
             if local != path:
@@ -82,7 +84,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if filename.endswith(".pkl") or filename.endswith(".pyth"):
             allowed = pickle_allowed(self.allow_pickle) or filename == self._verified_file
             if not allowed:
-                load_checkpoint_file(filename, allow_pickle=False)  # raises the explanation
+                try:
+                    load_checkpoint_file(filename, allow_pickle=False)  # raises the explanation
+                except Exception as e:
+                    requested = getattr(self, "_requested", None)
+                    if requested and requested != filename:
+                        raise type(e)(f"{e} (requested as {requested})") from e
+                    raise
             return super()._load_file(filename)
         loaded = load_checkpoint_file(filename, allow_pickle=self.allow_pickle)
         if not isinstance(loaded, dict):
@@ -102,7 +110,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
             target = self.model.state_dict()
             result = convert_state_dict(checkpoint["model"], target_keys=target.keys(), renaming_only=True)
             if result.converter is not None:
-                self.logger.info(f"Recognised a {result.converter.description} checkpoint; "
+                self.logger.info(f"Recognised the checkpoint layout of {result.converter.description}; "
                                  f"converted to d2seg's names ({result.summary()})")
             if result.dropped:
                 self.logger.info("Dropped buffers the model recomputes: "
