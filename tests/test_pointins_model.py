@@ -121,6 +121,13 @@ def test_retinanet_candidates_respect_anchor_iou():
     torch.testing.assert_close(ctr[:, 0], cands.xs.float() * cands.strides)
     torch.testing.assert_close(ctr[:, 1], cands.ys.float() * cands.strides)
     assert len(set(cands.levels.tolist())) >= 1
+    # ANCHOR_CONDITION "DETECTOR": exactly RetinaNet's foreground anchors
+    model.anchor_condition = "DETECTOR"
+    gt_labels, _ = model.label_anchors(anchors, gts)
+    cands = model.mask_candidates(images, feats, anchors, deltas, gts, gt_labels)
+    for i in range(len(gts)):
+        fg = (gt_labels[i] >= 0) & (gt_labels[i] != model.num_classes)
+        assert int((cands.im_inds == i).sum()) == int(fg.sum()) > 0
 
 
 @pytest.mark.parametrize("path,thresh_key", [

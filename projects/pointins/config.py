@@ -47,6 +47,11 @@ def add_pointins_config(cfg):
     # anchor boxes, the anchor condition is FCOS's own positive assignment (the points FCOS
     # trains boxes on) and ANCHOR_IOU_THRESH is not used.
     _C.MODEL.POINTINS.ANCHOR_IOU_THRESH = 0.5
+    # RetinaNet only: "IOU" (the paper: IoU(anchor, best GT) > ANCHOR_IOU_THRESH) or
+    # "DETECTOR" (the anchors RetinaNet itself trains boxes on: Detectron2's matcher,
+    # IoU >= 0.5 plus each GT's best anchors, so that small objects whose best anchor has
+    # IoU <= 0.5 get mask samples too). FCOS always uses its own positives.
+    _C.MODEL.POINTINS.ANCHOR_CONDITION = "IOU"
     _C.MODEL.POINTINS.BOX_IOU_THRESH = 0.5
     # At most this many positives per batch (<= 0: all of them).
     _C.MODEL.POINTINS.NUM_SAMPLES = 128

@@ -16,7 +16,7 @@ the GT or the regressed box (detached) as target box. Inference: RetinaNet's det
 (score threshold, top-k, NMS, at most TEST.DETECTIONS_PER_IMAGE), then masks for those
 only (the paper's second strategy), each from its own anchor and detected box.
 """
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -58,17 +58,23 @@ class PointINSRetinaNet(RetinaNet):
     """RetinaNet + the PointINS mask branch (attribute ``mask_branch``)."""
 
     @configurable
-    def __init__(self, *, mask_branch: PointINSMaskBranch, strides: List[int], **kwargs):
+    def __init__(self, *, mask_branch: PointINSMaskBranch, strides: List[int], anchor_condition: str = "IOU",
+                 **kwargs):
         """
         Args:
             mask_branch: the PointINS branch (anchor-based).
             strides: L strides of ``head_in_features``.
+            anchor_condition: "IOU" (IoU(anchor, best GT) > the branch's anchor_iou_thresh)
+                or "DETECTOR" (RetinaNet's own box-training positives).
             kwargs: RetinaNet's arguments; ``head`` must return the towers as well
                 (:class:`PointINSRetinaNetHead`).
         """
         super().__init__(**kwargs)
         if mask_branch.anchor_free:
             raise ValueError("PointINSRetinaNet needs an anchor-based mask branch (anchor_free=False).")
+        if anchor_condition not in ("IOU", "DETECTOR"):
+            raise ValueError(f"MODEL.POINTINS.ANCHOR_CONDITION must be 'IOU' or 'DETECTOR', got {anchor_condition!r}.")
+        self.anchor_condition = anchor_condition
         self.mask_branch = mask_branch
         self.strides = [int(s) for s in strides]
 
@@ -83,6 +89,7 @@ class PointINSRetinaNet(RetinaNet):
         ret["head"] = PointINSRetinaNetHead(cfg, feature_shapes)
         ret["strides"] = [s.stride for s in feature_shapes]
         ret["mask_branch"] = PointINSMaskBranch(cfg, in_channels=channels.pop(), anchor_free=False)
+        ret["anchor_condition"] = cfg.MODEL.POINTINS.ANCHOR_CONDITION.upper()
         return ret
 
     # ------------------------------------------------------------------ helpers
@@ -101,8 +108,10 @@ class PointINSRetinaNet(RetinaNet):
         return torch.cat(levels), torch.cat(ys), torch.cat(xs), torch.cat(strides)
 
     def mask_candidates(self, images: ImageList, features, anchors: List[Boxes], pred_deltas: List[Tensor],
-                        gt_instances: List[Instances]) -> PointCandidates:
-        """Anchors with IoU(anchor, best GT) > ANCHOR_IOU_THRESH, with their three target boxes."""
+                        gt_instances: List[Instances], gt_labels: Optional[List[Tensor]] = None) -> PointCandidates:
+        """Anchors that pass the anchor condition, with their three target boxes: IoU(anchor,
+        best GT) > ANCHOR_IOU_THRESH, or with ANCHOR_CONDITION "DETECTOR" the foreground
+        anchors of ``gt_labels`` (N tensors (M,) from ``label_anchors``)."""
         all_anchors = Boxes.cat(anchors).tensor  # (M, 4)
         levels, ys, xs, strides = self._anchor_cells(features)
         deltas = torch.cat(pred_deltas, dim=1).detach()  # (N, M, 4)
@@ -111,8 +120,14 @@ class PointINSRetinaNet(RetinaNet):
             if len(gt) == 0:
                 continue
             iou = pairwise_iou(gt.gt_boxes, Boxes(all_anchors))  # (G, M)
-            best, gt_inds = iou.max(dim=0)
-            sel = (best > self.mask_branch.anchor_iou_thresh).nonzero(as_tuple=True)[0]
+            best, gt_inds = iou.max(dim=0)  # the matcher's matched GT, too
+            if self.anchor_condition == "DETECTOR":
+                if gt_labels is None:
+                    raise ValueError("ANCHOR_CONDITION 'DETECTOR' needs the anchors' gt_labels.")
+                fg = (gt_labels[i] >= 0) & (gt_labels[i] != self.num_classes)
+            else:
+                fg = best > self.mask_branch.anchor_iou_thresh
+            sel = fg.nonzero(as_tuple=True)[0]
             if len(sel) == 0:
                 continue
             anc = all_anchors[sel]
@@ -139,7 +154,7 @@ class PointINSRetinaNet(RetinaNet):
         anchors = self.anchor_generator(features)
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         losses = self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
-        candidates = self.mask_candidates(images, features, anchors, pred_deltas, gt_instances)
+        candidates = self.mask_candidates(images, features, anchors, pred_deltas, gt_instances, gt_labels)
         losses.update(self.mask_branch.losses(towers, candidates, gt_instances))
         return losses
 
