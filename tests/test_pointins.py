@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detectron2.structures import BitMasks, Instances
+from detectron2.structures import BitMasks, Instances, PolygonMasks
 
 from d2seg.pointins import (
     PointINSMaskBranch,
@@ -186,6 +186,11 @@ def test_mask_targets_crop_to_target_box():
     assert t[0].eq(1).all()  # box == object: all foreground
     assert t[1, 2:6, 2:6].eq(1).all() and t[1, :2].eq(0).all() and t[1, 6:].eq(0).all()
     assert t[2].eq(1).all()
+    # polygons (Detectron2's default mask format) give the same targets
+    polys = PolygonMasks([[[8, 8, 24, 8, 24, 24, 8, 24]], [[16, 0, 32, 0, 32, 16, 16, 16]]])
+    tp = mask_targets([Instances((32, 32)), Instances((32, 32), gt_masks=polys)],
+                      torch.tensor([1, 1, 1]), torch.tensor([0, 0, 1]), boxes, 8)
+    assert torch.equal(tp, t)
 
 
 def test_edge_pixels_and_weighted_bce():

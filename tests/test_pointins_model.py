@@ -211,3 +211,21 @@ def test_fcos_candidates_are_fcos_positives_with_their_cells_and_boxes():
     reg = torch.stack([x - d[:, 0], y - d[:, 1], x + d[:, 2], y + d[:, 3]], 1).clamp(0, SIZE)
     torch.testing.assert_close(cands.target_boxes[:, 2], reg)
     assert (cands.box_ious[:, 0] < 0).all() and (cands.box_ious[:, 1] == 1).all()
+
+
+@pytest.mark.parametrize("name", ["retinanet_R_50_1x", "retinanet_R_101_1x", "fcos_R_50_1x", "fcos_R_101_1x"])
+def test_coco_configs_follow_the_paper(name):
+    cfg = get_d2seg_cfg()
+    cfg.merge_from_file(os.path.join(CONFIGS, "PointINS", name + ".yaml"))
+    s, p = cfg.SOLVER, cfg.MODEL.POINTINS
+    assert (s.OPTIMIZER, s.BASE_LR, tuple(s.BETAS), s.EPS) == ("ADAM", 5e-5, (0.9, 0.999), 1e-8)
+    assert tuple(s.STEPS) == (60000, 82500) and s.MAX_ITER == 90000 and s.IMS_PER_BATCH == 16
+    assert (p.TEMPLATE_CHANNELS, p.TEMPLATE_SIZE, p.NUM_FILTERS, p.DYNAMIC_KERNEL_SIZE) == (9, 16, 256, 1)
+    assert (p.NUM_SAMPLES, p.ANCHOR_IOU_THRESH, p.BOX_IOU_THRESH, p.MASK_LOSS_WEIGHT, p.EDGE_WEIGHT) == (128, 0.5, 0.5, 2.0, 4.0)
+    assert cfg.MODEL.RESNETS.DEPTH == int(name.split("_")[2])
+    if name == "retinanet_R_50_1x":  # builds (random weights), 9 anchors, U = 10
+        cfg.MODEL.DEVICE = "cpu"
+        model = build_model(cfg)
+        assert model.anchor_generator.num_cell_anchors[0] == 9
+        assert model.mask_branch.instance_aware_weights[0].in_features == 10
+        assert model.mask_branch.upscale.weight.shape == (16 * 16 * 9, 256, 3, 3)
