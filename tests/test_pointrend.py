@@ -542,6 +542,31 @@ def test_refiner_on_sparseinst_trains_and_refines(monkeypatch):
     torch.testing.assert_close(masks_to_boxes_xyxy(m, 2.0), torch.tensor([[2.0, 0.0, 10.0, 8.0]]))
 
 
+def test_refiner_only_repredicts_inside_the_scaled_box_of_the_coarse_mask():
+    """Inference mirrors training: the point head only re-predicts points inside the
+    BOX_SCALE-scaled box of the detector's own mask; an empty coarse mask stays empty."""
+    from torch import nn
+
+    from d2seg.pointrend.refine import PointRendMaskRefiner
+
+    class AlwaysPositive(nn.Module):  # a point head whose every prediction is "foreground"
+        def forward(self, fine, coarse):
+            return torch.full_like(coarse, 10.0)
+
+    refiner = PointRendMaskRefiner(point_head=AlwaysPositive(), in_features=["res2"],
+                                   subdivision_num_points=10_000, subdivision_steps=2, box_scale=1.0)
+    logits = torch.full((1, 2, 8, 8), -5.0)
+    logits[0, 0, 1:3, 1:3] = 5.0  # instance 0: a 2x2 blob; instance 1: empty
+    out = refiner.refine({"res2": torch.rand(1, 4, 8, 8)}, logits, torch.ones(1, 2, dtype=torch.bool), (32, 32))
+    assert out.shape == (1, 2, 32, 32)
+    fg = out[0, 0] > 0
+    ys, xs = torch.nonzero(fg, as_tuple=True)
+    # the blob covers cells 1..2 of 8, i.e. pixels [4, 12) of 32: nothing positive outside it
+    assert fg.any() and ys.min() >= 4 and ys.max() < 12 and xs.min() >= 4 and xs.max() < 12
+    assert fg[4:12, 4:12].all()  # and the head's "foreground" fills the box
+    assert not (out[0, 1] > 0).any()
+
+
 # ----------------------------------------------------------------------------- semantic, end to end
 def test_semantic_shapes_config_trains_and_reports_miou(tmp_path):
     """tools/train_net.py on the semantic shapes config: a few iterations on the semantic form

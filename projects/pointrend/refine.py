@@ -158,12 +158,35 @@ class PointRendMaskRefiner(nn.Module):
             if len(sel) == 0:
                 continue
             coarse = mask_logits[b, sel][:, None]  # (n, 1, h, w)
+            # The point head is trained on points inside the (scaled) ground-truth box only, so
+            # at inference it re-predicts only inside the (scaled) box of the detector's own mask:
+            # elsewhere its output is out of distribution and stray positives would inflate the
+            # mask (and the box derived from it). An empty coarse mask stays as it is.
+            fg = coarse[:, 0] > 0
+            region = masks_to_boxes_xyxy(fg.float(), self.box_scale).to(coarse)
+            region[~fg.flatten(1).any(1)] = 0.0
+            region = region / torch.tensor([w, h, w, h], dtype=coarse.dtype, device=coarse.device)
+
+            def inside(points, region=region):
+                x, y = points[..., 0], points[..., 1]
+                return ((x >= region[:, None, 0]) & (x <= region[:, None, 2])
+                        & (y >= region[:, None, 1]) & (y <= region[:, None, 3]))
+
+            def uncertainty(logits, region=region):
+                H, W = logits.shape[-2:]
+                ys = (torch.arange(H, device=logits.device, dtype=logits.dtype) + 0.5) / H
+                xs = (torch.arange(W, device=logits.device, dtype=logits.dtype) + 0.5) / W
+                grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).view(1, H * W, 2)
+                ok = inside(grid.expand(logits.shape[0], -1, -1)).view(-1, 1, H, W)
+                # cells outside the region come last (finite, so top-k stays well defined)
+                return instance_uncertainty(logits) - (~ok).to(logits.dtype) * 1e4
 
             def predict(points, coarse=coarse, b=b):
-                return self.point_head(self._fine(features, b, points), point_sample(coarse, points))
+                from_coarse = point_sample(coarse, points)
+                head = self.point_head(self._fine(features, b, points), from_coarse)
+                return torch.where(inside(points)[:, None], head, from_coarse)
 
-            out[b, sel] = subdivide(coarse, predict, steps, self.subdivision_num_points,
-                                    instance_uncertainty)[:, 0]
+            out[b, sel] = subdivide(coarse, predict, steps, self.subdivision_num_points, uncertainty)[:, 0]
         return out
 
 
