@@ -23,6 +23,18 @@ namespace d2seg {
 // instance_aware_conv
 // ---------------------------------------------------------------------------------------
 
+// Output positions whose tap k (0 <= k < D) of the size-D window centred on them reads
+// inside [0, n) (padding D / 2): lo = max(0, D/2 - k) <= pos < hi = min(n, n + D/2 - k).
+// Used by the im2col / col2im of the GEMM formulation (dynamic_conv_cpu.cpp), where
+// column (e * D + ky) * D + kx of pixel (y, x) is the input at (y + ky - D/2, x + kx - D/2).
+template <int D>
+D2SEG_HOST_DEVICE inline void instance_conv_tap_range(int k, int64_t n, int64_t& lo,
+                                                      int64_t& hi) {
+  lo = D / 2 - k > 0 ? D / 2 - k : 0;
+  hi = n + D / 2 - k < n ? n + D / 2 - k : n;
+  if (hi < lo) hi = lo;
+}
+
 // NB output channels at one pixel (or pack of pixels), kernel size D:
 // out[i] = bias[i] + sum_{e, ky, kx} w[i * wstride + (e * D + ky) * D + kx] * in(e, ky, kx),
 // where in(e, ky, kx) returns the input of channel e at (y + ky - D/2, x + kx - D/2), zero
@@ -108,6 +120,17 @@ D2SEG_UNROLL
       }
     }
   }
+}
+
+// 1x1 case (D == 1) of the weight and bias gradients of one output channel, with the NE
+// accumulators in registers: for one pixel (or pack of pixels) with output gradient g,
+// acc[i] += g * in(e0 + i, 0, 0) and gsum += g.
+template <int NE, typename T, typename Input>
+D2SEG_HOST_DEVICE inline void instance_conv_grad_weight_1x1(T g, int e0, const Input& in, T* acc,
+                                                            T& gsum) {
+  gsum = gsum + g;
+D2SEG_UNROLL
+  for (int i = 0; i < NE; ++i) acc[i] = acc[i] + g * in(e0 + i, 0, 0);
 }
 
 // ---------------------------------------------------------------------------------------

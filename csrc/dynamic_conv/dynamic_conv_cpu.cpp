@@ -175,6 +175,35 @@ void instance_conv_backward_cpu(const S* go, const S* in, const S* w, S* gin, S*
       for (; e + 3 <= E; e += 3) run_block(std::integral_constant<int, 3>{}, e);
       for (; e < E; ++e) run_block(std::integral_constant<int, 1>{}, e);
       // Weight and bias gradients: reductions over the pixels of each output channel.
+      if (D == 1) {
+        // accumulators in registers, NE input channels per pass over the row
+        auto run_wblock = [&](auto ne_tag, int64_t b, int64_t e0, bool with_bias) {
+          constexpr int NE = decltype(ne_tag)::value;
+          const S* g = gsrc + b * HW;
+          P a[NE], gsum(S(0));
+          S as[NE], gsum_s = 0;
+          for (int i = 0; i < NE; ++i) a[i] = P(S(0)), as[i] = 0;
+          int64_t x = 0;
+          for (; x + V <= HW; x += V) {
+            PlaneWindow<P, S> win{src + x, HW, 0, 1};
+            instance_conv_grad_weight_1x1<NE>(P::load(g + x), (int)e0, win, a, gsum);
+          }
+          for (; x < HW; ++x) {
+            PlaneWindow<S, S> win{src + x, HW, 0, 1};
+            instance_conv_grad_weight_1x1<NE>(g[x], (int)e0, win, as, gsum_s);
+          }
+          S* gwb = gw + (r * B + b) * K + e0;
+          for (int i = 0; i < NE; ++i) gwb[i] = a[i].sum() + as[i];
+          if (with_bias) gb[r * B + b] = gsum.sum() + gsum_s;
+        };
+        for (int64_t b = 0; b < B; ++b) {
+          int64_t e0 = 0;
+          for (; e0 + 8 <= E; e0 += 8) run_wblock(std::integral_constant<int, 8>{}, b, e0, e0 == 0);
+          for (; e0 + 4 <= E; e0 += 4) run_wblock(std::integral_constant<int, 4>{}, b, e0, e0 == 0);
+          for (; e0 < E; ++e0) run_wblock(std::integral_constant<int, 1>{}, b, e0, e0 == 0);
+        }
+        continue;
+      }
       for (int64_t b = 0; b < B; ++b) {
         const S* g = gsrc + b * HW;
         std::fill(acc.begin(), acc.end(), P(S(0)));
@@ -203,6 +232,197 @@ void instance_conv_backward_cpu(const S* go, const S* in, const S* w, S* gin, S*
       }
     }
   }); });
+}
+
+// ------------------------- instance_aware_conv as per-instance GEMMs ---------------------
+//
+// Instance r's convolution is one matrix product: out[r] (B, HW) = W'[r] (B, E d^2 + 1) x
+// col[r] (E d^2 + 1, HW), where col is the im2col of its templates with a row of ones and
+// W' its weights with the bias as last column. The backward is two more products per
+// instance, gcol = W[r]^T go[r] (then col2im into the template gradient) and
+// gW[r] = go[r] col^T, plus row sums for the bias. Instances go in chunks: the products of
+// a chunk are one batched BLAS call (at::bmm: MKL / OpenBLAS, which parallelise it; BLAS
+// must not be called from inside at::parallel_for, where MKL would start nested thread
+// teams), the im2col / col2im / sums are at::parallel_for loops over the chunk's
+// instances, and the column buffers are one chunk's worth.
+
+// Which kernel runs: the GEMMs for d > 1 when an instance has at least this many
+// multiply-adds (a BLAS call costs microseconds of fixed overhead that tiny instances do
+// not repay), else the direct kernel above. For d = 1 the direct kernel is as fast as the
+// GEMMs (it is bound by writing the output) and its backward reads the output gradient
+// once per pass from cache, so it is kept. tests/test_ops_dynamic_conv.py covers both.
+constexpr int64_t kInstanceConvGemmMinMacs = 1 << 14;
+
+inline bool instance_conv_use_gemm(int64_t B, int64_t E, int64_t D, int64_t HW) {
+  return D > 1 && B * E * D * D * HW >= kInstanceConvGemmMinMacs;
+}
+
+// col[(e * D + ky) * D + kx, y * W + x] = in[e, y + ky - D/2, x + kx - D/2], zero outside.
+template <int D, typename S>
+void instance_conv_im2col(const S* in, int64_t E, int64_t H, int64_t W, S* col) {
+  constexpr int pad = D / 2;
+  const int64_t HW = H * W;
+  for (int64_t e = 0; e < E; ++e) {
+    const S* src = in + e * HW;
+    for (int ky = 0; ky < D; ++ky) {
+      int64_t y0, y1;
+      instance_conv_tap_range<D>(ky, H, y0, y1);
+      for (int kx = 0; kx < D; ++kx) {
+        int64_t x0, x1;
+        instance_conv_tap_range<D>(kx, W, x0, x1);
+        S* row = col + ((e * D + ky) * D + kx) * HW;
+        std::fill(row, row + y0 * W, S(0));
+        for (int64_t y = y0; y < y1; ++y) {
+          S* o = row + y * W;
+          const S* s = src + (y + ky - pad) * W + (kx - pad);
+          std::fill(o, o + x0, S(0));
+          for (int64_t x = x0; x < x1; ++x) o[x] = s[x];
+          std::fill(o + x1, o + W, S(0));
+        }
+        std::fill(row + y1 * W, row + HW, S(0));
+      }
+    }
+  }
+}
+
+// The adjoint of instance_conv_im2col: gin[e, y + ky - D/2, x + kx - D/2] += gcol[row, y * W + x].
+template <int D, typename S>
+void instance_conv_col2im_add(const S* gcol, int64_t E, int64_t H, int64_t W, S* gin) {
+  constexpr int pad = D / 2;
+  const int64_t HW = H * W;
+  for (int64_t e = 0; e < E; ++e) {
+    S* dst = gin + e * HW;
+    for (int ky = 0; ky < D; ++ky) {
+      int64_t y0, y1;
+      instance_conv_tap_range<D>(ky, H, y0, y1);
+      for (int kx = 0; kx < D; ++kx) {
+        int64_t x0, x1;
+        instance_conv_tap_range<D>(kx, W, x0, x1);
+        const S* row = gcol + ((e * D + ky) * D + kx) * HW;
+        for (int64_t y = y0; y < y1; ++y) {
+          S* o = dst + (y + ky - pad) * W + (kx - pad);
+          const S* g = row + y * W;
+          for (int64_t x = x0; x < x1; ++x) o[x] += g[x];
+        }
+      }
+    }
+  }
+}
+
+// sums[b] = sum of the n values of row b (rows n apart).
+template <typename S>
+void row_sums(const S* g, int64_t rows, int64_t n, S* sums) {
+  constexpr int V = pack_width<S>();
+  using P = Pack<S, V>;
+  for (int64_t b = 0; b < rows; ++b) {
+    const S* row = g + b * n;
+    P a0(S(0)), a1(S(0));
+    int64_t i = 0;
+    for (; i + 2 * V <= n; i += 2 * V) {
+      a0 += P::load(row + i);
+      a1 += P::load(row + i + V);
+    }
+    for (; i + V <= n; i += V) a0 += P::load(row + i);
+    S s = (a0 + a1).sum();
+    for (; i < n; ++i) s += row[i];
+    sums[b] = s;
+  }
+}
+
+// Instances per chunk: the GEMMs of a chunk are one batched BLAS call (parallel inside
+// BLAS), its scratch columns stay small and in cache, and the output gradient of a chunk
+// (about 4 MiB) is read by the backward's products while it is still in the cache.
+inline int64_t instance_conv_chunk(int64_t B, int64_t HW, int64_t elem_size) {
+  return std::max<int64_t>(1, (int64_t(4) << 20) / std::max<int64_t>(1, B * HW * elem_size));
+}
+
+// Builds the forward operands of instances [r0, r1): cols (n, K', HW) with the im2col of
+// each instance's templates and, when with_bias, a last row of ones; wb (n, B, K') with each
+// instance's (B, K) weights and, when with_bias, its bias as the last column (K' = K + 1).
+// With the bias folded in, one product writes the output once.
+template <int D, typename S>
+void instance_conv_forward_operands(const S* in, const S* w, const S* bias, int64_t r0,
+                                    int64_t r1, int64_t B, int64_t E, int64_t H, int64_t W,
+                                    S* cols, S* wb) {
+  const int64_t HW = H * W, K = E * D * D, Kp = K + (bias ? 1 : 0);
+  at::parallel_for(r0, r1, 1, [&](int64_t begin, int64_t end) { run_best([&] {
+    for (int64_t r = begin; r < end; ++r) {
+      S* col = cols + (r - r0) * Kp * HW;
+      instance_conv_im2col<D>(in + r * E * HW, E, H, W, col);
+      if (!bias) continue;
+      std::fill(col + K * HW, col + Kp * HW, S(1));
+      S* wr = wb + (r - r0) * B * Kp;
+      for (int64_t b = 0; b < B; ++b) {
+        std::copy(w + (r * B + b) * K, w + (r * B + b + 1) * K, wr + b * Kp);
+        wr[b * Kp + K] = bias[r * B + b];
+      }
+    }
+  }); });
+}
+
+template <int D>
+void instance_conv_forward_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                at::Tensor& out) {
+  const int64_t R = x.size(0), E = x.size(1), H = x.size(2), W = x.size(3), B = w.size(1);
+  const int64_t HW = H * W, K = E * D * D, Kp = K + (b.defined() ? 1 : 0);
+  const int64_t chunk = std::min(R, instance_conv_chunk(B, HW, x.element_size()));
+  at::Tensor cols = at::empty({chunk, Kp, HW}, x.options()), wb;
+  if (b.defined()) wb = at::empty({chunk, B, Kp}, x.options());
+  const at::Tensor wv = w.view({R, B, K});
+  at::Tensor ov = out.view({R, B, HW});
+  for (int64_t r0 = 0; r0 < R; r0 += chunk) {
+    const int64_t r1 = std::min(R, r0 + chunk), n = r1 - r0;
+    at::Tensor o = ov.narrow(0, r0, n);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "instance_aware_conv_cpu_operands", [&] {
+      instance_conv_forward_operands<D, scalar_t>(
+          x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+          b.defined() ? b.data_ptr<scalar_t>() : nullptr, r0, r1, B, E, H, W,
+          cols.data_ptr<scalar_t>(), b.defined() ? wb.data_ptr<scalar_t>() : nullptr);
+    });
+    at::bmm_out(o, b.defined() ? wb.narrow(0, 0, n) : wv.narrow(0, r0, n), cols.narrow(0, 0, n));
+  }
+}
+
+template <int D>
+void instance_conv_backward_gemm(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w,
+                                 at::Tensor& gin, at::Tensor& gw, at::Tensor& gb) {
+  const int64_t R = x.size(0), E = x.size(1), H = x.size(2), W = x.size(3), B = w.size(1);
+  const int64_t HW = H * W, K = E * D * D;
+  const int64_t chunk = std::min(R, instance_conv_chunk(B, HW, x.element_size()));
+  const at::Tensor gov = go.view({R, B, HW});
+  const at::Tensor wt = w.view({R, B, K}).transpose(1, 2);
+  at::Tensor gwv = gw.view({R, B, K});
+  at::Tensor cols = at::empty({chunk, K, HW}, x.options());
+  at::Tensor gcols = at::empty({chunk, K, HW}, x.options());
+  for (int64_t r0 = 0; r0 < R; r0 += chunk) {
+    const int64_t r1 = std::min(R, r0 + chunk), n = r1 - r0;
+    const at::Tensor g = gov.narrow(0, r0, n);
+    at::Tensor gwc = gwv.narrow(0, r0, n);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "instance_aware_conv_backward_cpu_sums", [&] {
+      const scalar_t* gp = go.data_ptr<scalar_t>();
+      scalar_t* sums = gb.data_ptr<scalar_t>();
+      at::parallel_for(r0, r1, 1, [&](int64_t begin, int64_t end) { run_best([&] {
+        for (int64_t r = begin; r < end; ++r) row_sums(gp + r * B * HW, B, HW, sums + r * B);
+      }); });
+    });
+    at::Tensor gc = gcols.narrow(0, 0, n);
+    at::bmm_out(gc, wt.narrow(0, r0, n), g);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "instance_aware_conv_backward_cpu_cols", [&] {
+      const scalar_t* in = x.data_ptr<scalar_t>();
+      const scalar_t* gcp = gcols.data_ptr<scalar_t>();
+      scalar_t* cp = cols.data_ptr<scalar_t>();
+      scalar_t* gip = gin.data_ptr<scalar_t>();
+      at::parallel_for(r0, r1, 1, [&](int64_t begin, int64_t end) { run_best([&] {
+        for (int64_t r = begin; r < end; ++r) {
+          scalar_t* dst = gip + r * E * HW;
+          std::fill(dst, dst + E * HW, scalar_t(0));
+          instance_conv_col2im_add<D>(gcp + (r - r0) * K * HW, E, H, W, dst);
+          instance_conv_im2col<D>(in + r * E * HW, E, H, W, cp + (r - r0) * K * HW);
+        }
+      }); });
+    });
+    at::bmm_out(gwc, g, cols.narrow(0, 0, n).transpose(1, 2));
+  }
 }
 
 // --------------------------------- dynamic_mask_head ------------------------------------
@@ -366,6 +586,13 @@ at::Tensor instance_aware_conv_cpu(const at::Tensor& input, const at::Tensor& we
   const int64_t R = x.size(0), E = x.size(1), H = x.size(2), W = x.size(3), B = w.size(1);
   auto out = at::empty({R, B, H, W}, x.options());
   if (out.numel() == 0) return out;
+  const int64_t d = w.size(3);
+  if (instance_conv_use_gemm(B, E, d, H * W)) {
+    dispatch_kernel_size((int)d, [&](auto dt) {
+      instance_conv_forward_gemm<decltype(dt)::value>(x, w, b, out);
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "instance_aware_conv_cpu", [&] {
     dispatch_kernel_size((int)w.size(3), [&](auto d) {
       instance_conv_forward_cpu<decltype(d)::value, scalar_t>(
@@ -388,6 +615,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cpu(
   auto go = grad_out.contiguous();
   auto x = input.contiguous();
   auto w = weight.contiguous();
+  const int64_t d = w.size(3);
+  if (go.numel() > 0 && instance_conv_use_gemm(B, E, d, H * W)) {
+    // every value of the three gradients is written
+    auto gin = at::empty_like(x);
+    auto gw = at::empty_like(w);
+    auto gb = at::empty({R, B}, x.options());
+    dispatch_kernel_size((int)d, [&](auto dt) {
+      instance_conv_backward_gemm<decltype(dt)::value>(go, x, w, gin, gw, gb);
+    });
+    return {gin, gw, gb};
+  }
   auto gin = at::zeros_like(x);
   auto gw = at::zeros_like(w);
   auto gb = at::zeros({R, B}, x.options());
