@@ -348,3 +348,17 @@ def test_own_checkpoints_still_resume(tmp_path, condinst):
     assert out["iteration"] == 9
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_get_trained_model_from_the_zoo(server, cache, entry, condinst):
+    """model_zoo.get(config, trained=True): the table entry for that config is downloaded,
+    checked, converted from AdelaiDet's layout and loaded; the model is in eval mode."""
+    _, base = server
+    src = _adelaidet_layout(build_model(condinst).state_dict())
+    body = _ckpt_bytes({"model": src})
+    _Handler.routes["/zoo/condinst_r18.pth"] = (body, None)
+    entry("test/condinst_r18", base + "/zoo/condinst_r18.pth", _sha(body), converter="adelaidet-condinst",
+          config="CondInst/condinst_R18_shapes.yaml")
+    model = model_zoo.get("CondInst/condinst_R18_shapes.yaml", trained=True, device="cpu")
+    assert not model.training
+    assert torch.equal(model.mask_head.controller.bias, src["controller.bias"])
