@@ -47,19 +47,86 @@ def test_instance_aware_conv_gradcheck(d):
     assert torch.autograd.gradcheck(dc.instance_aware_conv, (x, w, b))
 
 
-def test_instance_aware_conv_float32_pointins_size_and_noncontiguous():
+@pytest.mark.parametrize("d", [1, 3])
+def test_instance_aware_conv_float32_pointins_size_and_noncontiguous(d):
     g = torch.Generator().manual_seed(3)
     # PointINS: E=9 templates of 16x16, B=256 (fewer instances to keep the test short)
-    x = torch.randn(16, 16, 9, 16, generator=g).permute(0, 2, 1, 3)  # non-contiguous
-    w = torch.randn(16, 256, 9, 1, 1, generator=g) * 0.3
-    b = torch.randn(256, 16, generator=g).t()  # non-contiguous
+    x = torch.randn(16, 16, 9, 16, generator=g).permute(0, 2, 1, 3).requires_grad_()  # non-contiguous
+    w = (torch.randn(16, 256, 9, d, d, generator=g) * 0.3).requires_grad_()
+    b = torch.randn(256, 16, generator=g).t().requires_grad_()  # non-contiguous
     assert not x.is_contiguous() and not b.is_contiguous()
-    torch.testing.assert_close(dc.instance_aware_conv(x, w, b), dc.instance_aware_conv_reference(x, w, b), atol=1e-4, rtol=1e-4)
+    out, ref = dc.instance_aware_conv(x, w, b), dc.instance_aware_conv_reference(x, w, b)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    for a, r in zip(_grads(out, [x, w, b]), _grads(ref, [x, w, b])):
+        torch.testing.assert_close(a, r, atol=2e-3, rtol=1e-4)
 
 
-def test_instance_aware_conv_empty():
+# The CPU op has two kernels: direct loops for d = 1 and for tiny instances (the shared
+# per-element math that CUDA also runs), and batched GEMMs over chunks of instances (im2col
+# with the bias folded in; col2im in the backward) for d > 1 from 2**14 multiply-adds per
+# instance on. The shapes below are on the GEMM side; the small ones above on the direct side.
+
+
+@pytest.mark.parametrize("d", [3, 5, 7])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_instance_aware_conv_gemm_path_several_chunks(d, with_bias):
+    # float64, B * H * W * 8 bytes = 2 MiB per instance: chunks of 2 instances, so R = 3
+    # runs a full chunk and a partial one
+    R, E, H, W, B = 3, 2, 64, 64, 64
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(R, E, H, W, dtype=f64, generator=g, requires_grad=True)
+    w = torch.randn(R, B, E, d, d, dtype=f64, generator=g, requires_grad=True)
+    b = torch.randn(R, B, dtype=f64, generator=g, requires_grad=True) if with_bias else None
+    out, ref = dc.instance_aware_conv(x, w, b), dc.instance_aware_conv_reference(x, w, b)
+    torch.testing.assert_close(out, ref)
+    inputs = [x, w] + ([b] if with_bias else [])
+    for a, r in zip(_grads(out, inputs), _grads(ref, inputs)):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("d", [5, 7])
+def test_instance_aware_conv_gemm_path_kernel_larger_than_image(d):
+    # taps entirely outside the 2 x 3 image: im2col / col2im must zero / skip them
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 3, 2, 3, dtype=f64, generator=g, requires_grad=True)
+    w = torch.randn(2, 64, 3, d, d, dtype=f64, generator=g, requires_grad=True)
+    b = torch.randn(2, 64, dtype=f64, generator=g, requires_grad=True)
+    out, ref = dc.instance_aware_conv(x, w, b), dc.instance_aware_conv_reference(x, w, b)
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(_grads(out, [x, w, b]), _grads(ref, [x, w, b])):
+        torch.testing.assert_close(a, r)
+
+
+def test_instance_aware_conv_gemm_path_gradcheck():
+    # 32 outputs x 18 taps x 30 pixels = 17280 multiply-adds per instance: the GEMM side
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 2, 6, 5, dtype=f64, generator=g, requires_grad=True)
+    w = torch.randn(2, 32, 2, 3, 3, dtype=f64, generator=g, requires_grad=True)
+    b = torch.randn(2, 32, dtype=f64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(dc.instance_aware_conv, (x, w, b))
+
+
+@pytest.mark.parametrize(
+    "shape, d, gemm",
+    [((4, 9, 16, 16, 256), 3, True), ((4, 9, 16, 16, 256), 1, False), ((2, 4, 5, 7, 3), 3, False)],
+)
+def test_instance_aware_conv_kernel_choice(shape, d, gemm):
+    """Which CPU kernel runs, seen in the profile: the GEMM path calls aten::bmm."""
+    R, E, H, W, B = shape
+    x = torch.randn(R, E, H, W, requires_grad=True)
+    w = torch.randn(R, B, E, d, d, requires_grad=True)
+    b = torch.randn(R, B, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        dc.instance_aware_conv(x, w, b).sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert "d2seg::instance_aware_conv" in names and "d2seg::instance_aware_conv_backward" in names
+    assert ("aten::bmm" in names) == gemm
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_instance_aware_conv_empty(d):
     x = torch.zeros(0, 9, 16, 16, requires_grad=True)
-    w = torch.zeros(0, 256, 9, 1, 1, requires_grad=True)
+    w = torch.zeros(0, 256, 9, d, d, requires_grad=True)
     out = dc.instance_aware_conv(x, w, torch.zeros(0, 256))
     assert out.shape == (0, 256, 16, 16)
     out.sum().backward()

@@ -24,13 +24,15 @@ namespace d2seg {
 // ---------------------------------------------------------------------------------------
 
 // Output positions whose tap k (0 <= k < D) of the size-D window centred on them reads
-// inside [0, n) (padding D / 2): lo = max(0, D/2 - k) <= pos < hi = min(n, n + D/2 - k).
+// inside [0, n) (padding D / 2): lo = max(0, D/2 - k) <= pos < hi = min(n, n + D/2 - k),
+// an empty range with lo = hi <= n when no position does (kernel larger than the image).
 // Used by the im2col / col2im of the GEMM formulation (dynamic_conv_cpu.cpp), where
 // column (e * D + ky) * D + kx of pixel (y, x) is the input at (y + ky - D/2, x + kx - D/2).
 template <int D>
 D2SEG_HOST_DEVICE inline void instance_conv_tap_range(int k, int64_t n, int64_t& lo,
                                                       int64_t& hi) {
   lo = D / 2 - k > 0 ? D / 2 - k : 0;
+  if (lo > n) lo = n;
   hi = n + D / 2 - k < n ? n + D / 2 - k : n;
   if (hi < lo) hi = lo;
 }
