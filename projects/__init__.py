@@ -11,6 +11,7 @@ from .config import add_d2seg_config, get_d2seg_cfg
 from . import layers  # noqa: F401  (compiled ops and their references)
 from . import data  # noqa: F401  (registers shapes_train / shapes_val)
 from . import modeling  # noqa: F401  (every method's registry entries)
+from . import model_zoo  # noqa: F401  (d2seg:// checkpoint names in Detectron2's PathManager)
 
 __version__ = "0.1.0"
 __all__ = ["add_d2seg_config", "get_d2seg_cfg", "__version__"]

@@ -26,6 +26,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import d2seg  # noqa: F401  (registers every method and the built-in data sets)
 from d2seg.engine import setup_cfg
+from d2seg.engine.checkpoint import AtomicCheckpointer
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -86,7 +87,16 @@ def main(argv=None):
     cfg = setup_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", device])
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: predicting with randomly initialised weights")
-    predictor = DefaultPredictor(cfg)
+    # Built without weights (Detectron2's own loader would unpickle any file), then loaded by
+    # d2seg's checkpointer: checked downloads, weights_only loading, the .pkl rule and
+    # automatic conversion of AdelaiDet / SparseInst / upstream PointRend checkpoints.
+    bare = cfg.clone()
+    bare.defrost()
+    bare.MODEL.WEIGHTS = ""
+    bare.freeze()
+    predictor = DefaultPredictor(bare)
+    if cfg.MODEL.WEIGHTS:
+        AtomicCheckpointer(predictor.model).load(cfg.MODEL.WEIGHTS)
     dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused"
     metadata = MetadataCatalog.get(dataset)
 
