@@ -182,7 +182,8 @@ def test_tool_end_to_end_on_one_tiny_config_and_a_failing_one(tmp_path, python):
     row = [line for line in md.splitlines() if line.startswith("| Mask R-CNN (yardstick)")]
     assert len(row) == 1
     cells = [c.strip() for c in row[0].strip("|").split("|")]
-    assert cells[3] == "1×96×80" and cells[9] == "2×96×80"  # inference batch 1, train batch 2
+    assert cells[3] == "1×96×80" and cells[10] == "2×96×80"  # inference batch 1, train batch 2
+    assert cells[5] == "random init"
     assert cells[-2:] == ["1.00×", "1.00×"]
     bad_row = [line for line in md.splitlines() if line.startswith("| bad_shapes")]
     assert len(bad_row) == 1 and "failed: KeyError" in bad_row[0] and "NOT_A_KEY" in bad_row[0]

@@ -11,6 +11,9 @@ time and peak memory; with the input size, threads and detection count of each r
     # one config at a paper-like input size, inference only
     python tools/benchmark.py --config-file configs/SOLO/solov2_shapes.yaml \
         --input-size 800 1088 --no-train
+    # each config's own trained model (<OUTPUT_DIR>/model_final.pth) where it exists,
+    # with the configs' own score thresholds
+    python tools/benchmark.py --trained --no-train
     # trained weights (one config): trailing KEY VALUE pairs go to every config
     python tools/benchmark.py --config-file configs/quick/mask_rcnn_shapes.yaml \
         MODEL.WEIGHTS output/quick/mask_rcnn_shapes/model_final.pth
@@ -77,6 +80,9 @@ def parse_args(argv=None):
                    help="set every test-time score threshold (ROI_HEADS/RETINANET.SCORE_THRESH_TEST, "
                         "FCOS.INFERENCE_TH_TEST, SOLO.SCORE_THR/UPDATE_THR, SPARSE_INST.CLS_THRESHOLD, ...) "
                         "to 0 so every model returns its maximum number of detections")
+    p.add_argument("--trained", action="store_true",
+                   help="load each config's <OUTPUT_DIR>/model_final.pth where it exists (random init elsewhere; "
+                        "the table says which)")
     p.add_argument("--output", default=os.path.join("output", "benchmark"),
                    help="output folder (default output/benchmark)")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per subprocess (default 900)")
@@ -131,6 +137,8 @@ def run_phase(args, config_file, phase, log_dir):
         cmd += ["--warmup", str(args.train_warmup), "--repeats", str(args.train_iters)]
     if args.all_detections:
         cmd.append("--all-detections")
+    if args.trained:
+        cmd.append("--trained")
     if args.input_size:
         cmd += ["--input-size", *map(str, args.input_size)]
     cmd += list(args.opts)
@@ -191,7 +199,7 @@ def header_lines(args, rows, started, wall_s):
         f"{args.threads} thread(s) per measurement (OMP_NUM_THREADS={args.threads}); "
         f"1-min load average during the run: "
         + (f"{min(loads):.1f}–{max(loads):.1f}" if loads else "?"),
-        f"- Weights: {', '.join('random init' if w == 'None' else w for w in weights) or '?'}",
+        f"- Weights: {', '.join('random init' if w == 'None' else f'`{w}`' for w in weights) or '?'}",
         f"- Inference: batch {args.batch_size}, {size}, images from the config's DATASETS.TEST "
         f"(shapes_val), {args.warmup} warm-up + {args.repeats} timed calls of `model(batch)` in eval "
         f"mode under `torch.no_grad()` (pre- and post-processing included: normalisation, padding, "
@@ -248,7 +256,7 @@ def main(argv=None):
     footer = [f"![benchmark chart](benchmark.png)"]
     title = (f"d2seg benchmark, {args.device}, {args.threads} thread(s), "
              + (f"{args.input_size[0]}×{args.input_size[1]}" if args.input_size else "config sizes (shapes: 128×128)")
-             + (", all detections" if args.all_detections else ""))
+             + (", all detections" if args.all_detections else "") + (", trained weights" if args.trained else ""))
     have_chart = write_chart(png_path, rows, title)
     text = write_markdown(md_path, rows, header_lines(args, rows, started, wall), footer if have_chart else [])
     with open(os.path.join(args.output, "benchmark.json"), "w") as f:

@@ -35,6 +35,8 @@ _METHOD_NAMES = {
     "PointRend/pointrend_sparseinst_r18_giam_shapes": "SparseInst + PointRend refiner",
     "CondInst/condinst_R18_shapes": "CondInst",
     "BlendMask/blendmask_R18_shapes": "BlendMask",
+    "PointINS/pointins_fcos_R18_shapes": "PointINS (FCOS)",
+    "PointINS/pointins_retinanet_R18_shapes": "PointINS (RetinaNet)",
     "quick/semantic_fpn_shapes": "Semantic FPN (semantic yardstick)",
     "PointRend/pointrend_semantic_R18_shapes": "PointRend (Semantic FPN)",
 }

@@ -16,7 +16,7 @@ from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 from ..data import D2SegDatasetMapper, prepare_datasets
-from ..engine import Trainer
+from ..engine import AtomicCheckpointer, Trainer
 from .memory import PeakMemory
 from .stats import summarize
 
@@ -110,6 +110,12 @@ def train_batches(cfg, num_batches, input_size=None):
     return batches
 
 
+def _load_weights(model, cfg):
+    """Load cfg.MODEL.WEIGHTS (when set) with d2seg's checkpointer, as train_net.py does."""
+    if cfg.MODEL.WEIGHTS:
+        AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+
+
 def _count_outputs(outputs):
     """Instances per image of a model's outputs (None for semantic outputs)."""
     counts = [len(o["instances"]) for o in outputs if "instances" in o]
@@ -137,10 +143,7 @@ def measure_inference(cfg, warmup=5, repeats=30, batch_size=1, input_size=None):
     mem = PeakMemory(device)
     mem.start()
     model = Trainer.build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        from detectron2.checkpoint import DetectionCheckpointer
-
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    _load_weights(model, cfg)
     model.eval()
 
     def batch(i):
@@ -198,10 +201,7 @@ def measure_training(cfg, warmup=2, iters=5, input_size=None):
     mem = PeakMemory(device)
     mem.start()
     model = Trainer.build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        from detectron2.checkpoint import DetectionCheckpointer
-
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    _load_weights(model, cfg)
     model.train()
     optimizer = Trainer.build_optimizer(cfg, model)
     scheduler = Trainer.build_lr_scheduler(cfg, optimizer)

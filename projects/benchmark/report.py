@@ -16,6 +16,7 @@ COLUMNS = [
     "output",
     "input (B×H×W)",
     "threads",
+    "weights",
     "detections / image",
     "inference ms: median (p10–p90)",
     "images/s",
@@ -105,6 +106,7 @@ def _cells(row):
             "semantic" if infer.get("output") == "sem_seg" else "instances",
             _fmt_input(infer),
             str(infer["threads"]),
+            "trained" if infer.get("weights") else "random init",
             _fmt_det(infer),
             _fmt_ms(infer["ms"]),
             f"{infer['images_per_s']:.2f}",
@@ -112,7 +114,7 @@ def _cells(row):
         ]
     else:
         err = (infer or {}).get("error", "not run")
-        cells += ["–", "–", "–", "–", f"failed: {err}"[:160].replace("|", "/"), "–", "–"]
+        cells += ["–", "–", "–", "–", "–", f"failed: {err}"[:160].replace("|", "/"), "–", "–"]
     if train is None:
         cells += ["–", "not measured", "–"]
     elif _ok(train):

@@ -15,7 +15,7 @@ import sys
 import traceback
 
 
-def build_cfg(config_file, opts, device, all_detections, phase):
+def build_cfg(config_file, opts, device, all_detections, phase, trained=False):
     from ..engine import setup_cfg
     from .configs import all_detections_opts
 
@@ -26,6 +26,10 @@ def build_cfg(config_file, opts, device, all_detections, phase):
         extra = all_detections_opts(cfg)
         cfg.merge_from_list(extra)
         changed = extra[0::2]
+    if trained and not cfg.MODEL.WEIGHTS:
+        final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+        if os.path.isfile(final):
+            cfg.MODEL.WEIGHTS = final
     if phase == "train":
         cfg.DATALOADER.NUM_WORKERS = 0  # batches are loaded before timing
     cfg.freeze()
@@ -40,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--all-detections", action="store_true")
+    p.add_argument("--trained", action="store_true", help="load <OUTPUT_DIR>/model_final.pth when it exists")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"))
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=30)
@@ -58,7 +63,8 @@ def run(args):
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    cfg, changed = build_cfg(args.config_file, args.opts, args.device, args.all_detections, args.phase)
+    cfg, changed = build_cfg(args.config_file, args.opts, args.device, args.all_detections, args.phase,
+                             args.trained)
     seed_all_rng(cfg.SEED if cfg.SEED >= 0 else 0)
     if args.phase == "infer":
         result = measure_inference(cfg, args.warmup, args.repeats, args.batch_size, args.input_size)
