@@ -153,9 +153,13 @@ def write_chart(path, rows, title=""):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    labels = [row["method"] for row in rows]
+    labels = []
+    for row in rows:
+        infer = row.get("infer")
+        det = infer.get("detections") if _ok(infer) else None
+        labels.append(row["method"] + (f"\n{det:.0f} detections/image" if det is not None else ""))
     is_ref = [_same(r["config_file"], YARDSTICK) or _same(r["config_file"], SEMANTIC_YARDSTICK) for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.55 * len(rows) + 1.8), sharey=True)
     for ax, phase, xlabel in (
         (axes[0], "infer", "inference ms / image batch (median, p10–p90)"),
         (axes[1], "train", "training ms / iteration (median, p10–p90)"),
