@@ -64,15 +64,15 @@ def test_instance_aware_conv_float32_pointins_size_and_noncontiguous(d):
 # The CPU op has two kernels: direct loops for d = 1 and for tiny instances (the shared
 # per-element math that CUDA also runs), and batched GEMMs over chunks of instances (im2col
 # with the bias folded in; col2im in the backward) for d > 1 from 2**14 multiply-adds per
-# instance on. The shapes below are on the GEMM side; the small ones above on the direct side.
+# instance on. The shapes below are on the GEMM side (checked by
+# test_instance_aware_conv_kernel_choice); the small ones above on the direct side, except
+# (3, 9, 16, 16, 20) with d = 3.
 
 
 @pytest.mark.parametrize("d", [3, 5, 7])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_instance_aware_conv_gemm_path_several_chunks(d, with_bias):
-    # float64, B * H * W * 8 bytes = 2 MiB per instance: chunks of 2 instances, so R = 3
-    # runs a full chunk and a partial one
-    R, E, H, W, B = 3, 2, 64, 64, 64
+def test_instance_aware_conv_gemm_path(d, with_bias):
+    R, E, H, W, B = 3, 2, 19, 23, 64
     g = torch.Generator().manual_seed(11)
     x = torch.randn(R, E, H, W, dtype=f64, generator=g, requires_grad=True)
     w = torch.randn(R, B, E, d, d, dtype=f64, generator=g, requires_grad=True)
@@ -81,6 +81,25 @@ def test_instance_aware_conv_gemm_path_several_chunks(d, with_bias):
     torch.testing.assert_close(out, ref)
     inputs = [x, w] + ([b] if with_bias else [])
     for a, r in zip(_grads(out, inputs), _grads(ref, inputs)):
+        torch.testing.assert_close(a, r)
+
+
+def test_instance_aware_conv_gemm_path_several_chunks():
+    # a chunk's scratch is capped at 32 MiB: here (98 + 1) taps x (128^2 pixels + 16 outputs)
+    # x 8 bytes = 13 MiB per instance, so R = 3 runs a chunk of 2 and a chunk of 1
+    R, E, H, W, B, d = 3, 2, 128, 128, 16, 7
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(R, E, H, W, dtype=f64, generator=g, requires_grad=True)
+    w = torch.randn(R, B, E, d, d, dtype=f64, generator=g, requires_grad=True)
+    b = torch.randn(R, B, dtype=f64, generator=g, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.no_grad():
+            out = dc.instance_aware_conv(x, w, b)
+    assert sum(e.count for e in prof.key_averages() if e.key == "aten::bmm") == 2
+    out = dc.instance_aware_conv(x, w, b)
+    ref = dc.instance_aware_conv_reference(x, w, b)
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(_grads(out, [x, w, b]), _grads(ref, [x, w, b])):
         torch.testing.assert_close(a, r)
 
 

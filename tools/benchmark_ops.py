@@ -8,12 +8,21 @@ people would otherwise write, at realistic sizes, forward and forward+backward.
 Each case runs the compiled op and the composite alternately (--repeat times each) on the
 same inputs; a time is the fastest run (wall clock), "cpu" the process CPU time of that
 kind of run divided by the threads (a check on a busy machine, where wall clock also
-counts waiting for a core). Peak memory is the largest amount of memory allocated during
-one call and still held at some instant (outputs included; inputs excluded), from the
-PyTorch profiler on CPU and torch.cuda.max_memory_allocated on CUDA.
+counts waiting for a core). "forward+backward" is one forward and one
+torch.autograd.grad; the output gradient (ones) is made once per case, outside the
+timing and the memory count, as the next layer would hand it over. Peak memory is the
+largest amount of memory allocated during one call and still held at some instant
+(outputs included; inputs excluded), from the PyTorch profiler on CPU and
+torch.cuda.max_memory_allocated on CUDA.
 Prints a Markdown table; ratios are composite / compiled (> 1: the compiled op wins).
+
+On a CPU, fresh output tensors cost page faults (each 4 KiB page is zeroed by the kernel
+on first touch), which both sides pay; PyTorch's THP_MEM_ALLOC_ENABLE=1 (set in the
+environment before the run) backs large allocations with 2 MiB pages instead, which
+leaves mostly the computation to compare.
 """
 import argparse
+import os
 import time
 
 import torch
@@ -73,11 +82,10 @@ def compare(fn_a, fn_b, device, repeat):
     return best
 
 
-def forward_backward(fn, inputs):
+def forward_backward(fn, inputs, grad):
     def run():
         out = fn()
-        grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
-        return grads
+        return torch.autograd.grad(out, inputs, grad)
 
     return run
 
@@ -160,7 +168,11 @@ def main():
         raise SystemExit("d2seg._C is not built: the benchmark would compare the references with themselves")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}\n")
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
+        f"THP_MEM_ALLOC_ENABLE={thp}, load average at start {os.getloadavg()[0]:.2f}\n"
+    )
     print("| op | pass | compiled ms | composite ms | speed-up | compiled peak MiB | composite peak MiB | memory ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for name, composite, ours, ref, inputs in cases(device):
@@ -174,8 +186,10 @@ def main():
                     ma, mb = peak_memory(fa, device), peak_memory(fb, device)
             else:
                 req = [t.detach().requires_grad_() for t in inputs]
-                fa = forward_backward(lambda: ours(*req), req)
-                fb = forward_backward(lambda: ref(*req), req)
+                with torch.no_grad():
+                    grad = torch.ones_like(ours(*inputs))
+                fa = forward_backward(lambda: ours(*req), req, grad)
+                fb = forward_backward(lambda: ref(*req), req, grad)
                 (ta, ca), (tb, cb) = compare(fa, fb, device, args.repeat)
                 ma, mb = peak_memory(fa, device), peak_memory(fb, device)
             print(
@@ -184,6 +198,7 @@ def main():
                 flush=True,
             )
         print(f"| ↳ composite: {composite} | | | | | | | |")
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

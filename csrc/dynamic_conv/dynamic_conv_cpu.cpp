@@ -242,8 +242,8 @@ void instance_conv_backward_cpu(const S* go, const S* in, const S* w, S* gin, S*
 // instance, gcol = W[r]^T go[r] (then col2im into the template gradient) and
 // gW[r] = go[r] col^T, plus row sums for the bias. Instances go in chunks: the products of
 // a chunk are one batched BLAS call (at::bmm: MKL / OpenBLAS, which parallelise it; BLAS
-// must not be called from inside at::parallel_for, where MKL would start nested thread
-// teams), the im2col / col2im / sums are at::parallel_for loops over the chunk's
+// is not called from inside at::parallel_for, where MKL started nested thread teams and
+// ran ~50x slower), the im2col / col2im / sums are at::parallel_for loops over the chunk's
 // instances, and the column buffers are one chunk's worth.
 
 // Which kernel runs: the GEMMs for d > 1 when an instance has at least this many
@@ -329,11 +329,12 @@ void row_sums(const S* g, int64_t rows, int64_t n, S* sums) {
   }
 }
 
-// Instances per chunk: the GEMMs of a chunk are one batched BLAS call (parallel inside
-// BLAS), its scratch columns stay small and in cache, and the output gradient of a chunk
-// (about 4 MiB) is read by the backward's products while it is still in the cache.
-inline int64_t instance_conv_chunk(int64_t B, int64_t HW, int64_t elem_size) {
-  return std::max<int64_t>(1, (int64_t(4) << 20) / std::max<int64_t>(1, B * HW * elem_size));
+// Instances per chunk: as many as keep one chunk's scratch (columns and weights, K' values
+// per pixel and per output channel) within 32 MiB, so all of PointINS's 128 instances
+// (10.7 MiB each) go in one chunk. Few chunks matter on a busy machine: every chunk costs
+// a few thread-pool barriers, and a barrier waits for the slowest thread.
+inline int64_t instance_conv_chunk(int64_t B, int64_t HW, int64_t Kp, int64_t elem_size) {
+  return std::max<int64_t>(1, (int64_t(32) << 20) / std::max<int64_t>(1, Kp * (HW + B) * elem_size));
 }
 
 // Builds the forward operands of instances [r0, r1): cols (n, K', HW) with the im2col of
@@ -365,7 +366,7 @@ void instance_conv_forward_gemm(const at::Tensor& x, const at::Tensor& w, const 
                                 at::Tensor& out) {
   const int64_t R = x.size(0), E = x.size(1), H = x.size(2), W = x.size(3), B = w.size(1);
   const int64_t HW = H * W, K = E * D * D, Kp = K + (b.defined() ? 1 : 0);
-  const int64_t chunk = std::min(R, instance_conv_chunk(B, HW, x.element_size()));
+  const int64_t chunk = std::min(R, instance_conv_chunk(B, HW, Kp, x.element_size()));
   at::Tensor cols = at::empty({chunk, Kp, HW}, x.options()), wb;
   if (b.defined()) wb = at::empty({chunk, B, Kp}, x.options());
   const at::Tensor wv = w.view({R, B, K});
@@ -388,7 +389,7 @@ void instance_conv_backward_gemm(const at::Tensor& go, const at::Tensor& x, cons
                                  at::Tensor& gin, at::Tensor& gw, at::Tensor& gb) {
   const int64_t R = x.size(0), E = x.size(1), H = x.size(2), W = x.size(3), B = w.size(1);
   const int64_t HW = H * W, K = E * D * D;
-  const int64_t chunk = std::min(R, instance_conv_chunk(B, HW, x.element_size()));
+  const int64_t chunk = std::min(R, instance_conv_chunk(B, HW, K, x.element_size()));
   const at::Tensor gov = go.view({R, B, HW});
   const at::Tensor wt = w.view({R, B, K}).transpose(1, 2);
   at::Tensor gwv = gw.view({R, B, K});
@@ -397,27 +398,24 @@ void instance_conv_backward_gemm(const at::Tensor& go, const at::Tensor& x, cons
   for (int64_t r0 = 0; r0 < R; r0 += chunk) {
     const int64_t r1 = std::min(R, r0 + chunk), n = r1 - r0;
     const at::Tensor g = gov.narrow(0, r0, n);
-    at::Tensor gwc = gwv.narrow(0, r0, n);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "instance_aware_conv_backward_cpu_sums", [&] {
-      const scalar_t* gp = go.data_ptr<scalar_t>();
-      scalar_t* sums = gb.data_ptr<scalar_t>();
-      at::parallel_for(r0, r1, 1, [&](int64_t begin, int64_t end) { run_best([&] {
-        for (int64_t r = begin; r < end; ++r) row_sums(gp + r * B * HW, B, HW, sums + r * B);
-      }); });
-    });
-    at::Tensor gc = gcols.narrow(0, 0, n);
+    at::Tensor gc = gcols.narrow(0, 0, n), gwc = gwv.narrow(0, r0, n);
     at::bmm_out(gc, wt.narrow(0, r0, n), g);
+    // one pass over the chunk's instances: template gradients (col2im), columns for the
+    // weight gradients (im2col) and bias gradients (row sums)
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "instance_aware_conv_backward_cpu_cols", [&] {
       const scalar_t* in = x.data_ptr<scalar_t>();
+      const scalar_t* gp = go.data_ptr<scalar_t>();
       const scalar_t* gcp = gcols.data_ptr<scalar_t>();
       scalar_t* cp = cols.data_ptr<scalar_t>();
       scalar_t* gip = gin.data_ptr<scalar_t>();
+      scalar_t* sums = gb.data_ptr<scalar_t>();
       at::parallel_for(r0, r1, 1, [&](int64_t begin, int64_t end) { run_best([&] {
         for (int64_t r = begin; r < end; ++r) {
           scalar_t* dst = gip + r * E * HW;
           std::fill(dst, dst + E * HW, scalar_t(0));
           instance_conv_col2im_add<D>(gcp + (r - r0) * K * HW, E, H, W, dst);
           instance_conv_im2col<D>(in + r * E * HW, E, H, W, cp + (r - r0) * K * HW);
+          row_sums(gp + r * B * HW, B, HW, sums + r * B);
         }
       }); });
     });
