@@ -7,6 +7,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 #include <type_traits>
 #include <vector>
@@ -74,6 +75,23 @@ struct PlaneWindow {
   }
 };
 
+// Runs body(take) once on each worker thread; take() hands out the instances of [begin, end)
+// one at a time (an atomic counter), -1 when none is left. Unlike equal static shares, on a
+// busy machine a thread that loses its core leaves its instances to the others instead of
+// holding up the whole pass. Each instance is still processed by exactly one thread.
+template <typename Body>
+void parallel_instances(int64_t begin, int64_t end, const Body& body) {
+  if (end <= begin) return;
+  std::atomic<int64_t> next{begin};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), end - begin);
+  at::parallel_for(0, std::max<int64_t>(1, workers), 1, [&](int64_t, int64_t) {
+    body([&]() -> int64_t {
+      const int64_t r = next.fetch_add(1, std::memory_order_relaxed);
+      return r < end ? r : -1;
+    });
+  });
+}
+
 // Copies (E, H, W) into a zero-padded (E, H + 2 pad, W + 2 pad) buffer.
 template <typename S>
 void pad_planes(const S* src, int64_t E, int64_t H, int64_t W, int64_t pad, std::vector<S>& dst) {
@@ -99,9 +117,9 @@ void instance_conv_forward_cpu(const S* in, const S* w, const S* bias, S* out, i
   const int64_t Wp = D == 1 ? H * W : W + 2 * pad;
   const int64_t plane = D == 1 ? H * W : (H + 2 * pad) * Wp;
   const int64_t HW = H * W, wstride = E * D * D;
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) { run_best([&] {
+  parallel_instances(0, R, [&](const auto& take) { run_best([&] {
     std::vector<S> padded;
-    for (int64_t r = begin; r < end; ++r) {
+    for (int64_t r = take(); r >= 0; r = take()) {
       const S* src = in + r * E * HW;
       if (D > 1) {
         pad_planes(src, E, H, W, pad, padded);
@@ -140,11 +158,11 @@ void instance_conv_backward_cpu(const S* go, const S* in, const S* w, S* gin, S*
   const int64_t plane = D == 1 ? H * W : (H + 2 * pad) * Wp;
   const int64_t HW = H * W;
   const int K = (int)(E * D * D);
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) { run_best([&] {
+  parallel_instances(0, R, [&](const auto& take) { run_best([&] {
     std::vector<S> padded_in, padded_go;
     std::vector<P> acc(K);
     std::vector<S> acc_s(K);
-    for (int64_t r = begin; r < end; ++r) {
+    for (int64_t r = take(); r >= 0; r = take()) {
       const S* src = in + r * E * HW;
       const S* gsrc = go + r * B * HW;
       const S* wr = w + r * B * E * D * D;
@@ -346,8 +364,8 @@ void instance_conv_forward_operands(const S* in, const S* w, const S* bias, int6
                                     int64_t r1, int64_t B, int64_t E, int64_t H, int64_t W,
                                     S* cols, S* wb) {
   const int64_t HW = H * W, K = E * D * D, Kp = K + (bias ? 1 : 0);
-  at::parallel_for(r0, r1, 1, [&](int64_t begin, int64_t end) { run_best([&] {
-    for (int64_t r = begin; r < end; ++r) {
+  parallel_instances(r0, r1, [&](const auto& take) { run_best([&] {
+    for (int64_t r = take(); r >= 0; r = take()) {
       S* col = cols + (r - r0) * Kp * HW;
       instance_conv_im2col<D>(in + r * E * HW, E, H, W, col);
       if (!bias) continue;
@@ -409,8 +427,8 @@ void instance_conv_backward_gemm(const at::Tensor& go, const at::Tensor& x, cons
       scalar_t* cp = cols.data_ptr<scalar_t>();
       scalar_t* gip = gin.data_ptr<scalar_t>();
       scalar_t* sums = gb.data_ptr<scalar_t>();
-      at::parallel_for(r0, r1, 1, [&](int64_t begin, int64_t end) { run_best([&] {
-        for (int64_t r = begin; r < end; ++r) {
+      parallel_instances(r0, r1, [&](const auto& take) { run_best([&] {
+        for (int64_t r = take(); r >= 0; r = take()) {
           scalar_t* dst = gip + r * E * HW;
           std::fill(dst, dst + E * HW, scalar_t(0));
           instance_conv_col2im_add<D>(gcp + (r - r0) * K * HW, E, H, W, dst);
