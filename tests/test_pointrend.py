@@ -534,7 +534,7 @@ def test_refiner_on_sparseinst_trains_and_refines(monkeypatch):
     with torch.no_grad():
         out = model([{"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64}])
     assert out[0]["instances"].pred_masks.shape[-2:] == (64, 64)
-    assert len(steps) == 2 and steps[0][-1] == 784 and steps[0][1] == 64  # res2 of R-18: 64 ch
+    assert len(steps) == 2 and steps[0][-1] == 196 and steps[0][1] == 64  # res2 of R-18: 64 ch
     # ground-truth boxes for the sampler: tight box scaled about its centre, clipped
     m = torch.zeros(1, 10, 10)
     m[0, 2:6, 4:8] = 1
