@@ -37,6 +37,26 @@ def tiny_opts(output_dir, max_iter=10, **extra):
     return opts
 
 
+def boxes_input(n, size=64):
+    """A random image with n non-overlapping rectangular instances (20x16 px, classes
+    0..4 cycling) as a Detectron2 model input; n = 0 gives an image without instances."""
+    import torch
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    img = torch.rand(3, size, size) * 255
+    inst = Instances((size, size))
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    boxes = []
+    for i in range(n):
+        x, y = 4 + 14 * i, 6 + 10 * i
+        masks[i, y:y + 20, x:x + 16] = True
+        boxes.append([x, y, x + 16, y + 20])
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.arange(n) % 5
+    inst.gt_masks = BitMasks(masks)
+    return {"image": img, "instances": inst}
+
+
 @pytest.fixture(scope="session")
 def python():
     return sys.executable

@@ -5,12 +5,13 @@ import math
 import pytest
 import torch
 
+from conftest import boxes_input as _input
+
 import d2seg.modeling  # noqa: F401
 from d2seg.blendmask import BlendMaskHead, blend, convert_adelaidet_blendmask, crop_bases
 from d2seg.config import get_d2seg_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances
 
 SHAPES = {f"p{l}": ShapeSpec(channels=32, stride=2**l) for l in range(3, 8)}
 
@@ -74,21 +75,6 @@ def test_attention_layer_size_and_config_checks():
 def _model():
     torch.manual_seed(0)
     return build_model(tiny_cfg())
-
-
-def _input(n, size=64):
-    img = torch.rand(3, size, size) * 255
-    inst = Instances((size, size))
-    masks = torch.zeros(n, size, size, dtype=torch.bool)
-    boxes = []
-    for i in range(n):
-        x, y = 4 + 14 * i, 6 + 10 * i
-        masks[i, y:y + 20, x:x + 16] = True
-        boxes.append([x, y, x + 16, y + 20])
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.arange(n) % 5
-    inst.gt_masks = BitMasks(masks)
-    return {"image": img, "instances": inst}
 
 
 def test_training_losses_and_zero_instances():

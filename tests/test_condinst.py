@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import boxes_input as _input
+
 import d2seg.modeling  # noqa: F401  (registers everything)
 from d2seg.condinst import (
     CondInstMaskHead,
@@ -16,7 +18,7 @@ from d2seg.config import get_d2seg_cfg
 from d2seg.layers import dynamic_mask_head_num_params, parse_dynamic_params
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 
 SHAPES = {f"p{l}": ShapeSpec(channels=32, stride=2**l) for l in range(3, 8)}
 
@@ -158,21 +160,6 @@ def _tiny_model(**condinst):
     cfg = tiny_cfg(**condinst)
     torch.manual_seed(0)
     return build_model(cfg)
-
-
-def _input(n, size=64):
-    img = torch.rand(3, size, size) * 255
-    inst = Instances((size, size))
-    masks = torch.zeros(n, size, size, dtype=torch.bool)
-    boxes = []
-    for i in range(n):
-        x, y = 4 + 14 * i, 6 + 10 * i
-        masks[i, y:y + 20, x:x + 16] = True
-        boxes.append([x, y, x + 16, y + 20])
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.arange(n) % 5
-    inst.gt_masks = BitMasks(masks)
-    return {"image": img, "instances": inst}
 
 
 def test_training_losses_gradients_and_zero_instances():
