@@ -57,6 +57,21 @@ def boxes_input(n, size=64):
     return {"image": img, "instances": inst}
 
 
+def assert_compiled_matches_eager(fn, args):
+    """torch.compile(fn) (fullgraph, aot_eager: the registered ops' fake and autograd
+    implementations) gives the eager value and the eager gradients to every argument."""
+    import torch
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    eager = fn(*args)
+    ge = torch.autograd.grad(eager, args)
+    comp = compiled(*args)
+    gc = torch.autograd.grad(comp, args)
+    torch.testing.assert_close(comp, eager)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.fixture(scope="session")
 def python():
     return sys.executable

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from d2seg.layers import dynamic_conv as dc
+from conftest import assert_compiled_matches_eager
 from d2seg.layers.extension import extension_available
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="d2seg._C not built")
@@ -292,15 +293,8 @@ def test_ops_work_under_torch_compile():
         m = dc.dynamic_mask_head(feats, inds, params, instance_locations=locs, scales=scales)
         return m.sigmoid().sum() + dc.instance_aware_conv(x, w).square().sum()
 
-    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     args = (feats, params, x, w)
-    eager = fn(*args)
-    ge = torch.autograd.grad(eager, args)
-    comp = compiled(*args)
-    gc = torch.autograd.grad(comp, args)
-    torch.testing.assert_close(comp, eager)
-    for a, b in zip(gc, ge):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(fn, args)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")

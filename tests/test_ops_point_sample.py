@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from d2seg.layers import point_features as pf
+from conftest import assert_compiled_matches_eager
 from d2seg.layers.extension import extension_available
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="d2seg._C not built")
@@ -197,15 +198,8 @@ def test_point_ops_work_under_torch_compile():
         b = pf.point_sample_boxes([f0, f1], boxes, bi, pts, scales).sigmoid().sum()
         return a + b
 
-    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     args = (x, p, feats[0], feats[1])
-    eager = fn(*args)
-    ge = torch.autograd.grad(eager, args)
-    comp = compiled(*args)
-    gc = torch.autograd.grad(comp, args)
-    torch.testing.assert_close(comp, eager)
-    for a, b in zip(gc, ge):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(fn, args)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
