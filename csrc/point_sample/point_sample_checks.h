@@ -1,8 +1,10 @@
-// Argument checks of the point-sampling ops, shared by the CPU and CUDA entry points.
+// Argument checks and host-side set-up of the point-sampling ops, shared by the CPU and
+// CUDA entry points.
 #pragma once
 #include <torch/types.h>
 
 #include "core/macros.h"
+#include "point_sample/point_sample.h"
 
 namespace d2seg {
 
@@ -39,6 +41,25 @@ inline void check_sample_points_args(const at::Tensor& features, const at::Tenso
                 "sample_points: point coords (N, P, 2) must have N = features.size(0) = ",
                 features.size(0), ", got ", coords.size(0));
   }
+}
+
+
+// The kernels' view of one call's points (device pointers when the tensors are on a GPU).
+template <typename S>
+inline PointRows<S> make_rows(const at::Tensor& features, const at::Tensor& coords,
+                              const at::Tensor& boxes, const at::Tensor& batch_index,
+                              double feature_scale) {
+  return PointRows<S>{coords.data_ptr<S>(),
+                      boxes.defined() ? boxes.data_ptr<S>() : nullptr,
+                      batch_index.defined() ? batch_index.data_ptr<int64_t>() : nullptr,
+                      static_cast<S>(feature_scale),
+                      coords.size(1),
+                      features.size(2),
+                      features.size(3)};
+}
+
+inline at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
 
 }  // namespace d2seg

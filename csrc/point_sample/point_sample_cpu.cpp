@@ -54,23 +54,6 @@ PointTable<S> make_table(const PointRows<S>& rows, int64_t R, const at::Tensor& 
   return t;
 }
 
-template <typename S>
-PointRows<S> make_rows(const at::Tensor& features, const at::Tensor& coords,
-                       const at::Tensor& boxes, const at::Tensor& batch_index,
-                       double feature_scale) {
-  return PointRows<S>{coords.data_ptr<S>(),
-                      boxes.defined() ? boxes.data_ptr<S>() : nullptr,
-                      batch_index.defined() ? batch_index.data_ptr<int64_t>() : nullptr,
-                      static_cast<S>(feature_scale),
-                      coords.size(1),
-                      features.size(2),
-                      features.size(3)};
-}
-
-at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
-}
-
 void check_batch_index(const at::Tensor& batch_index, int64_t N) {
   if (!batch_index.defined() || batch_index.numel() == 0) return;
   const int64_t lo = batch_index.min().item<int64_t>(), hi = batch_index.max().item<int64_t>();

@@ -74,23 +74,6 @@ __global__ void sample_points_grad_coords_kernel(PointRows<S> rows, const S* fea
   }
 }
 
-template <typename S>
-PointRows<S> make_rows(const at::Tensor& features, const at::Tensor& coords,
-                       const at::Tensor& boxes, const at::Tensor& batch_index,
-                       double feature_scale) {
-  return PointRows<S>{coords.data_ptr<S>(),
-                      boxes.defined() ? boxes.data_ptr<S>() : nullptr,
-                      batch_index.defined() ? batch_index.data_ptr<int64_t>() : nullptr,
-                      static_cast<S>(feature_scale),
-                      coords.size(1),
-                      features.size(2),
-                      features.size(3)};
-}
-
-at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
-}
-
 }  // namespace
 
 at::Tensor sample_points_cuda(const at::Tensor& features, const at::Tensor& coords,
