@@ -43,7 +43,12 @@ def get_extensions():
     sources = [os.path.relpath(s, ROOT) for s in sources]
     cuda_sources = [os.path.relpath(s, ROOT) for s in cuda_sources]
 
-    extra_compile_args = {"cxx": ["-O3"]}
+    # -fopenmp: at::parallel_for is a header template that runs its loop in an OpenMP
+    # parallel region only when the including file is compiled with OpenMP; without it
+    # every CPU kernel would run on one thread. The extension then links the libgomp that
+    # torch has already loaded (same soname), so there is one OpenMP runtime.
+    extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
+    extra_link_args = ["-fopenmp"]
     define_macros = []
     include_dirs = [csrc]
     extension = CppExtension
@@ -72,6 +77,7 @@ def get_extensions():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
         )
     ]
 

@@ -6,9 +6,10 @@ import torch
 
 from d2seg.layers import dynamic_conv as dc
 from conftest import assert_compiled_matches_eager
-from d2seg.layers.extension import extension_available
+from d2seg.layers.extension import extension_available, load_extension
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="d2seg._C not built")
+_C = load_extension()
 
 f64 = torch.float64
 
@@ -62,15 +63,68 @@ def test_instance_aware_conv_float32_pointins_size_and_noncontiguous(d):
         torch.testing.assert_close(a, r, atol=2e-3, rtol=1e-4)
 
 
-# The CPU op has two kernels: direct loops for d = 1 and for tiny instances (the shared
-# per-element math that CUDA also runs), and batched GEMMs over chunks of instances (im2col
-# with the bias folded in; col2im in the backward) for d > 1 from 2**14 multiply-adds per
-# instance on. The shapes below are on the GEMM side (checked by
-# test_instance_aware_conv_kernel_choice); the small ones above on the direct side, except
-# (3, 9, 16, 16, 20) with d = 3.
+# The CPU op has three kernels: direct loops for d = 1 and for tiny instances (the shared
+# per-element math that CUDA also runs); Winograd's F(2x2, 3x3) for d = 3 from 2**14
+# multiply-adds per instance on; batched GEMMs over chunks of instances (im2col with the
+# bias folded in; col2im in the backward) for d = 5, 7 from the same size on.
+# d2seg._C.instance_aware_conv_cpu_kernel says which one a shape takes
+# (test_instance_aware_conv_kernel_choice); the small shapes above are direct except
+# (3, 9, 16, 16, 20) with d = 3 (Winograd).
 
 
-@pytest.mark.parametrize("d", [3, 5, 7])
+def _check_against_reference(x, w, b, **tol):
+    out, ref = dc.instance_aware_conv(x, w, b), dc.instance_aware_conv_reference(x, w, b)
+    torch.testing.assert_close(out, ref, **tol)
+    inputs = [x, w] + ([b] if b is not None else [])
+    for a, r in zip(_grads(out, inputs), _grads(ref, inputs)):
+        torch.testing.assert_close(a, r, **tol)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (3, 9, 16, 16, 256),  # PointINS: whole packs of tiles, 16 blocks of 16 outputs
+        (2, 3, 7, 5, 64),  # odd height and width: the last tile row / column is half outside
+        (2, 4, 19, 37, 40),  # 19 tiles per row: a partial pack; 40 outputs: a partial block
+        (1, 5, 33, 2, 300),  # one tile per row
+        (2, 2, 1, 1, 4096),  # a single pixel: every tap but the centre is padding
+        (2, 1, 2, 40, 250),  # one input channel, one tile row
+    ],
+)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_instance_aware_conv_winograd_path(shape, with_bias):
+    R, E, H, W, B = shape
+    assert _C.instance_aware_conv_cpu_kernel(B, E, 3, H, W, 8) == "winograd"
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(R, E, H, W, dtype=f64, generator=g, requires_grad=True)
+    w = torch.randn(R, B, E, 3, 3, dtype=f64, generator=g, requires_grad=True)
+    b = torch.randn(R, B, dtype=f64, generator=g, requires_grad=True) if with_bias else None
+    _check_against_reference(x, w, b)
+
+
+def test_instance_aware_conv_winograd_float32_error_is_small():
+    # the transforms only add, subtract and halve: float32 stays close to the float64 result
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(8, 9, 16, 16, dtype=f64, generator=g)
+    w = torch.randn(8, 256, 9, 3, 3, dtype=f64, generator=g) * 0.3
+    exact = dc.instance_aware_conv_reference(x, w)
+    out = dc.instance_aware_conv(x.float(), w.float())
+    direct = dc.instance_aware_conv_reference(x.float(), w.float())
+    err, err_direct = (out.double() - exact).abs().max(), (direct.double() - exact).abs().max()
+    assert err < 4 * err_direct + 1e-6, (err, err_direct)
+
+
+def test_instance_aware_conv_winograd_gradcheck():
+    # 32 outputs x 18 taps x 30 pixels = 17280 multiply-adds per instance: the Winograd side
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 2, 6, 5, dtype=f64, generator=g, requires_grad=True)
+    w = torch.randn(2, 32, 2, 3, 3, dtype=f64, generator=g, requires_grad=True)
+    b = torch.randn(2, 32, dtype=f64, generator=g, requires_grad=True)
+    assert _C.instance_aware_conv_cpu_kernel(32, 2, 3, 6, 5, 8) == "winograd"
+    assert torch.autograd.gradcheck(dc.instance_aware_conv, (x, w, b))
+
+
+@pytest.mark.parametrize("d", [5, 7])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_instance_aware_conv_gemm_path(d, with_bias):
     R, E, H, W, B = 3, 2, 19, 23, 64
@@ -118,21 +172,28 @@ def test_instance_aware_conv_gemm_path_kernel_larger_than_image(d):
 
 
 def test_instance_aware_conv_gemm_path_gradcheck():
-    # 32 outputs x 18 taps x 30 pixels = 17280 multiply-adds per instance: the GEMM side
+    # 16 outputs x 50 taps x 30 pixels = 24000 multiply-adds per instance: the GEMM side
     g = torch.Generator().manual_seed(13)
     x = torch.randn(2, 2, 6, 5, dtype=f64, generator=g, requires_grad=True)
-    w = torch.randn(2, 32, 2, 3, 3, dtype=f64, generator=g, requires_grad=True)
-    b = torch.randn(2, 32, dtype=f64, generator=g, requires_grad=True)
+    w = torch.randn(2, 16, 2, 5, 5, dtype=f64, generator=g, requires_grad=True)
+    b = torch.randn(2, 16, dtype=f64, generator=g, requires_grad=True)
+    assert _C.instance_aware_conv_cpu_kernel(16, 2, 5, 6, 5, 8) == "gemm"
     assert torch.autograd.gradcheck(dc.instance_aware_conv, (x, w, b))
 
 
 @pytest.mark.parametrize(
-    "shape, d, gemm",
-    [((4, 9, 16, 16, 256), 3, True), ((4, 9, 16, 16, 256), 1, False), ((2, 4, 5, 7, 3), 3, False)],
+    "shape, d, kernel",
+    [
+        ((4, 9, 16, 16, 256), 3, "winograd"),
+        ((4, 9, 16, 16, 256), 5, "gemm"),
+        ((4, 9, 16, 16, 256), 1, "direct"),
+        ((2, 4, 5, 7, 3), 3, "direct"),
+    ],
 )
-def test_instance_aware_conv_kernel_choice(shape, d, gemm):
-    """Which CPU kernel runs, seen in the profile: the GEMM path calls aten::bmm."""
+def test_instance_aware_conv_kernel_choice(shape, d, kernel):
+    """Which CPU kernel runs; in the profile, the GEMM path (only) calls aten::bmm."""
     R, E, H, W, B = shape
+    assert _C.instance_aware_conv_cpu_kernel(B, E, d, H, W) == kernel
     x = torch.randn(R, E, H, W, requires_grad=True)
     w = torch.randn(R, B, E, d, d, requires_grad=True)
     b = torch.randn(R, B, requires_grad=True)
@@ -140,7 +201,12 @@ def test_instance_aware_conv_kernel_choice(shape, d, gemm):
         dc.instance_aware_conv(x, w, b).sum().backward()
     names = {e.key for e in prof.key_averages()}
     assert "d2seg::instance_aware_conv" in names and "d2seg::instance_aware_conv_backward" in names
-    assert ("aten::bmm" in names) == gemm
+    assert ("aten::bmm" in names) == (kernel == "gemm")
+
+
+def test_extension_is_built_with_openmp():
+    # without OpenMP, at::parallel_for in the extension runs every CPU kernel on one thread
+    assert _C.has_openmp()
 
 
 @pytest.mark.parametrize("d", [1, 3])

@@ -40,9 +40,19 @@ struct Pack {
     r.v = a.v + b.v;
     return r;
   }
+  friend Pack operator-(const Pack& a, const Pack& b) {
+    Pack r;
+    r.v = a.v - b.v;
+    return r;
+  }
   friend Pack operator*(const Pack& a, const Pack& b) {
     Pack r;
     r.v = a.v * b.v;
+    return r;
+  }
+  friend Pack operator*(const Pack& a, S s) {
+    Pack r;
+    r.v = a.v * s;
     return r;
   }
   Pack& operator+=(const Pack& b) {
@@ -72,6 +82,84 @@ struct Lanes<Pack<S, V>> {
 template <typename S>
 constexpr int pack_width() {
   return static_cast<int>(32 / sizeof(S));
+}
+
+// Lane permutations of two packs (a, b) viewed as one list of 2V values: lo and hi
+// interleave them (a0 b0 a1 b1 ... | ...), even and odd undo that. Constant masks, so the
+// compiler emits a few shuffle instructions.
+namespace pack_detail {
+template <int V, int Width>
+struct Masks;
+#define D2SEG_PACK_MASKS(V, ITYPE, LO, HI, EVEN, ODD)                   \
+  template <>                                                          \
+  struct Masks<V, sizeof(ITYPE)> {                                     \
+    typedef ITYPE mask_t __attribute__((vector_size(V * sizeof(ITYPE)))); \
+    static constexpr mask_t lo = LO, hi = HI, even = EVEN, odd = ODD;  \
+  };
+D2SEG_PACK_MASKS(8, int, (mask_t{0, 8, 1, 9, 2, 10, 3, 11}), (mask_t{4, 12, 5, 13, 6, 14, 7, 15}),
+                 (mask_t{0, 2, 4, 6, 8, 10, 12, 14}), (mask_t{1, 3, 5, 7, 9, 11, 13, 15}))
+D2SEG_PACK_MASKS(4, long long, (mask_t{0, 4, 1, 5}), (mask_t{2, 6, 3, 7}), (mask_t{0, 2, 4, 6}),
+                 (mask_t{1, 3, 5, 7}))
+#undef D2SEG_PACK_MASKS
+
+template <typename S, int V>
+using MasksOf = Masks<V, sizeof(S) == 4 ? sizeof(int) : sizeof(long long)>;
+
+template <typename Vec, typename Mask>
+inline Vec shuffle2(const Vec& a, const Vec& b, const Mask& m) {
+#if defined(__clang__)
+  Vec r;
+  for (int i = 0; i < (int)(sizeof(Vec) / sizeof(a[0])); ++i) {
+    const int k = m[i];
+    r[i] = k < (int)(sizeof(Vec) / sizeof(a[0])) ? a[k] : b[k - sizeof(Vec) / sizeof(a[0])];
+  }
+  return r;
+#else
+  return __builtin_shuffle(a, b, m);
+#endif
+}
+}  // namespace pack_detail
+
+template <typename S, int V>
+inline void interleave(const Pack<S, V>& a, const Pack<S, V>& b, Pack<S, V>& lo, Pack<S, V>& hi) {
+  using M = pack_detail::MasksOf<S, V>;
+  lo.v = pack_detail::shuffle2(a.v, b.v, M::lo);
+  hi.v = pack_detail::shuffle2(a.v, b.v, M::hi);
+}
+
+// r[i] = a[i].sum() for V packs a[0..V).
+template <typename S, int V>
+inline Pack<S, V> transpose_sum(const Pack<S, V>* a) {
+  Pack<S, V> r;
+  if constexpr (V == 8 && sizeof(S) == 4) {
+    using pack_detail::shuffle2;
+    typedef int m_t __attribute__((vector_size(32)));
+    // three rounds of pairwise "halves": after round k every lane holds a partial sum of
+    // one input over 8 / 2^k lanes; the input order makes the last round come out in order
+    const int order[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+    typename Pack<S, V>::vec_t c[4], d[2];
+    for (int i = 0; i < 4; ++i) {
+      const auto& x = a[order[2 * i]].v;
+      const auto& y = a[order[2 * i + 1]].v;
+      c[i] = shuffle2(x, y, m_t{0, 1, 2, 3, 8, 9, 10, 11}) + shuffle2(x, y, m_t{4, 5, 6, 7, 12, 13, 14, 15});
+    }
+    for (int i = 0; i < 2; ++i)
+      d[i] = shuffle2(c[2 * i], c[2 * i + 1], m_t{0, 1, 8, 9, 4, 5, 12, 13}) +
+             shuffle2(c[2 * i], c[2 * i + 1], m_t{2, 3, 10, 11, 6, 7, 14, 15});
+    r.v = shuffle2(d[0], d[1], m_t{0, 2, 8, 10, 4, 6, 12, 14}) +
+          shuffle2(d[0], d[1], m_t{1, 3, 9, 11, 5, 7, 13, 15});
+  } else {
+    for (int i = 0; i < V; ++i) r.v[i] = a[i].sum();
+  }
+  return r;
+}
+
+template <typename S, int V>
+inline void deinterleave(const Pack<S, V>& lo, const Pack<S, V>& hi, Pack<S, V>& even,
+                         Pack<S, V>& odd) {
+  using M = pack_detail::MasksOf<S, V>;
+  even.v = pack_detail::shuffle2(lo.v, hi.v, M::even);
+  odd.v = pack_detail::shuffle2(lo.v, hi.v, M::odd);
 }
 
 }  // namespace d2seg

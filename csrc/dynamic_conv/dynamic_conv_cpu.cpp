@@ -9,13 +9,16 @@
 #include <algorithm>
 #include <atomic>
 #include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "core/cpu_dispatch.h"
 #include "core/pack.h"
+#include "core/parallel.h"
 #include "dynamic_conv/dynamic_conv.h"
 #include "dynamic_conv/dynamic_conv_checks.h"
+#include "dynamic_conv/instance_conv_winograd.h"
 
 namespace d2seg {
 
@@ -74,23 +77,6 @@ struct PlaneWindow {
     return Lanes<T>::load(base + e * plane + sign * (ky * row + kx));
   }
 };
-
-// Runs body(take) once on each worker thread; take() hands out the instances of [begin, end)
-// one at a time (an atomic counter), -1 when none is left. Unlike equal static shares, on a
-// busy machine a thread that loses its core leaves its instances to the others instead of
-// holding up the whole pass. Each instance is still processed by exactly one thread.
-template <typename Body>
-void parallel_instances(int64_t begin, int64_t end, const Body& body) {
-  if (end <= begin) return;
-  std::atomic<int64_t> next{begin};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), end - begin);
-  at::parallel_for(0, std::max<int64_t>(1, workers), 1, [&](int64_t, int64_t) {
-    body([&]() -> int64_t {
-      const int64_t r = next.fetch_add(1, std::memory_order_relaxed);
-      return r < end ? r : -1;
-    });
-  });
-}
 
 // Copies (E, H, W) into a zero-padded (E, H + 2 pad, W + 2 pad) buffer.
 template <typename S>
@@ -264,11 +250,13 @@ void instance_conv_backward_cpu(const S* go, const S* in, const S* w, S* gin, S*
 // ran ~50x slower), the im2col / col2im / sums are at::parallel_for loops over the chunk's
 // instances, and the column buffers are one chunk's worth.
 
-// Which kernel runs: the GEMMs for d > 1 when an instance has at least this many
-// multiply-adds (a BLAS call costs microseconds of fixed overhead that tiny instances do
-// not repay), else the direct kernel above. For d = 1 the direct kernel is as fast as the
-// GEMMs (it is bound by writing the output) and its backward reads the output gradient
-// once per pass from cache, so it is kept. tests/test_ops_dynamic_conv.py covers both.
+// Which kernel runs: for d = 3 Winograd's F(2x2, 3x3) (instance_conv_winograd_cpu.cpp)
+// when an instance has at least kInstanceConvWinogradMinMacs multiply-adds; the GEMMs for
+// d = 5, 7 from this many multiply-adds on (a BLAS call costs microseconds of fixed
+// overhead that tiny instances do not repay); else the direct kernel above. For d = 1 the
+// direct kernel is as fast as the GEMMs (it is bound by writing the output) and its
+// backward reads the output gradient once per pass from cache, so it is kept.
+// instance_aware_conv_cpu_kernel says which; tests/test_ops_dynamic_conv.py covers all three.
 constexpr int64_t kInstanceConvGemmMinMacs = 1 << 14;
 
 inline bool instance_conv_use_gemm(int64_t B, int64_t E, int64_t D, int64_t HW) {
@@ -593,6 +581,13 @@ void check_image_indices(const at::Tensor& inds, int64_t N) {
 
 }  // namespace
 
+std::string instance_aware_conv_cpu_kernel(int64_t B, int64_t E, int64_t d, int64_t H, int64_t W,
+                                           int64_t element_size) {
+  if (instance_conv_use_winograd(B, E, d, H, W, element_size)) return "winograd";
+  if (instance_conv_use_gemm(B, E, d, H * W)) return "gemm";
+  return "direct";
+}
+
 at::Tensor instance_aware_conv_cpu(const at::Tensor& input, const at::Tensor& weight,
                                    const c10::optional<at::Tensor>& bias) {
   check_instance_aware_conv_args(input, weight, bias);
@@ -603,6 +598,10 @@ at::Tensor instance_aware_conv_cpu(const at::Tensor& input, const at::Tensor& we
   auto out = at::empty({R, B, H, W}, x.options());
   if (out.numel() == 0) return out;
   const int64_t d = w.size(3);
+  if (instance_conv_use_winograd(B, E, d, H, W, x.element_size())) {
+    instance_conv_forward_winograd(x, w, b, out);
+    return out;
+  }
   if (instance_conv_use_gemm(B, E, d, H * W)) {
     dispatch_kernel_size((int)d, [&](auto dt) {
       instance_conv_forward_gemm<decltype(dt)::value>(x, w, b, out);
@@ -632,14 +631,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cpu(
   auto x = input.contiguous();
   auto w = weight.contiguous();
   const int64_t d = w.size(3);
-  if (go.numel() > 0 && instance_conv_use_gemm(B, E, d, H * W)) {
+  const bool winograd = instance_conv_use_winograd(B, E, d, H, W, x.element_size());
+  if (go.numel() > 0 && (winograd || instance_conv_use_gemm(B, E, d, H * W))) {
     // every value of the three gradients is written
     auto gin = at::empty_like(x);
     auto gw = at::empty_like(w);
     auto gb = at::empty({R, B}, x.options());
-    dispatch_kernel_size((int)d, [&](auto dt) {
-      instance_conv_backward_gemm<decltype(dt)::value>(go, x, w, gin, gw, gb);
-    });
+    if (winograd) {
+      instance_conv_backward_winograd(go, x, w, gin, gw, gb);
+    } else {
+      dispatch_kernel_size((int)d, [&](auto dt) {
+        instance_conv_backward_gemm<decltype(dt)::value>(go, x, w, gin, gw, gb);
+      });
+    }
     return {gin, gw, gb};
   }
   auto gin = at::zeros_like(x);
