@@ -18,16 +18,24 @@ struct Pack {
   // Only scalar-aligned: packs are loaded from and stored to any offset, and held in
   // std::vector, whose allocations need not be SIMD-aligned.
   typedef S vec_t __attribute__((vector_size(V * sizeof(S)), aligned(sizeof(S))));
+  // the same vector as seen through a pointer into an array of S (like the intrinsics'
+  // __m256_u): unaligned, and allowed to alias S. Plain vector loads and stores compile to
+  // single (v)movups; memcpy of a whole vector was sometimes split into 16-byte pieces
+  // through the stack.
+  typedef S mem_t __attribute__((vector_size(V * sizeof(S)), aligned(sizeof(S)), may_alias));
   vec_t v;
 
   Pack() = default;
+  // A broadcast. (Written as a vector plus a scalar: other spellings, a vector
+  // constructor or an element-wise loop, were assembled lane by lane in the baseline
+  // helpers before they were inlined into the AVX2 loops.)
   explicit Pack(S s) { v = vec_t{} + s; }
   static Pack load(const S* p) {
     Pack r;
-    std::memcpy(&r.v, p, sizeof(vec_t));
+    r.v = *reinterpret_cast<const mem_t*>(p);
     return r;
   }
-  void store(S* p) const { std::memcpy(p, &v, sizeof(vec_t)); }
+  void store(S* p) const { *reinterpret_cast<mem_t*>(p) = v; }
   // p[i] += v[i]
   void add_to(S* p) const { (load(p) + *this).store(p); }
   S sum() const {
@@ -152,6 +160,36 @@ inline Pack<S, V> transpose_sum(const Pack<S, V>* a) {
     for (int i = 0; i < V; ++i) r.v[i] = a[i].sum();
   }
   return r;
+}
+
+// Transposes the V x V matrix whose rows are r[0..V) in place (r[i].v[j] <-> r[j].v[i]).
+template <typename S, int V>
+inline void transpose_square(Pack<S, V>* r) {
+  if constexpr (V == 8 && sizeof(S) == 4) {
+    using pack_detail::shuffle2;
+    typedef int m_t __attribute__((vector_size(32)));
+    typename Pack<S, V>::vec_t t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {  // pairs of rows, interleaved within 4-lane halves
+      t[i] = shuffle2(r[i].v, r[i + 1].v, m_t{0, 8, 1, 9, 4, 12, 5, 13});
+      t[i + 1] = shuffle2(r[i].v, r[i + 1].v, m_t{2, 10, 3, 11, 6, 14, 7, 15});
+    }
+    for (int h = 0; h < 8; h += 4)  // quadruples of rows
+      for (int k = 0; k < 2; ++k) {
+        u[h + 2 * k] = shuffle2(t[h + k], t[h + 2 + k], m_t{0, 1, 8, 9, 4, 5, 12, 13});
+        u[h + 2 * k + 1] = shuffle2(t[h + k], t[h + 2 + k], m_t{2, 3, 10, 11, 6, 7, 14, 15});
+      }
+    for (int k = 0; k < 4; ++k) {  // halves
+      r[k].v = shuffle2(u[k], u[4 + k], m_t{0, 1, 2, 3, 8, 9, 10, 11});
+      r[4 + k].v = shuffle2(u[k], u[4 + k], m_t{4, 5, 6, 7, 12, 13, 14, 15});
+    }
+  } else {
+    for (int i = 0; i < V; ++i)
+      for (int j = i + 1; j < V; ++j) {
+        const S a = r[i].v[j];
+        r[i].v[j] = r[j].v[i];
+        r[j].v[i] = a;
+      }
+  }
 }
 
 template <typename S, int V>

@@ -37,7 +37,8 @@ namespace d2seg {
 namespace {
 
 constexpr int kXi = 16;  // transform positions of F(2x2, 3x3)
-constexpr int64_t kBlockB = 16;  // output channels per block (their products stay in L2)
+constexpr int64_t kBlockB = 16;  // output channels per block of transformed weights
+constexpr int64_t kSubB = 4;     // output channels per block of forward products (in L1)
 
 // Sizes of one instance's problem and of its scratch.
 template <typename S>
@@ -49,7 +50,7 @@ struct WinoGeom {
   // Distance between transform positions in V / dV and in a block's products. Padded by a
   // cache line: at a multiple of 4 KiB (PointINS: 16 x 64 floats) the 16 loads of one tile
   // would all fall into one L1 set and evict each other.
-  int64_t vstride, mstride;
+  int64_t vstride, mstride, fstride;
   WinoGeom(int64_t E_, int64_t B_, int64_t H_, int64_t W_) : E(E_), B(B_), H(H_), W(W_) {
     th = (H + 1) / 2;
     tw = (W + 1) / 2;
@@ -59,6 +60,7 @@ struct WinoGeom {
     Lh = tg * V + 1;
     vstride = E * Tp + 16;
     mstride = kBlockB * Tp + 16;
+    fstride = kSubB * Tp + 16;
   }
   int64_t plane() const { return Hp * 2 * Lh; }
 };
@@ -122,21 +124,36 @@ void transform_inputs(const S* planes, const WinoGeom<S>& G, S* Vt) {
 }
 
 // U[(xi * nb + bi) * E + e] for output channels [0, nb) of w (rows of E * 9 weights), with
-// lanes over the nb * E kernels: wt is scratch for the weights transposed to (9, nb * E).
+// lanes over the nb * E kernels. Their 9 taps are transposed to lanes 8 kernels at a time:
+// an 8 x 8 in-register transpose of taps 0-7 plus 8 loads of tap 8 (float); double packs
+// (4 lanes) go through the scratch wt.
 template <typename S>
 void transform_weights(const S* w, int64_t nb, int64_t E, S* U, std::vector<S>& wt) {
   constexpr int V = pack_width<S>();
   using P = Pack<S, V>;
   const int64_t np = nb * E;
-  wt.resize(9 * np);
-  for (int64_t p = 0; p < np; ++p)
-    for (int k = 0; k < 9; ++k) wt[k * np + p] = w[p * 9 + k];
   int64_t p = 0;
-  for (; p + V <= np; p += V) {
-    P g[9], u[16];
-    for (int k = 0; k < 9; ++k) g[k] = P::load(wt.data() + k * np + p);
-    wino_weight<P, S>(g, u);
-    for (int xi = 0; xi < kXi; ++xi) u[xi].store(U + xi * np + p);
+  if constexpr (V == 8) {
+    for (; p + V <= np; p += V) {
+      P g[9], u[16];
+      for (int i = 0; i < 8; ++i) g[i] = P::load(w + (p + i) * 9);
+      transpose_square(g);
+      S tap8[8];
+      for (int i = 0; i < 8; ++i) tap8[i] = w[(p + i) * 9 + 8];
+      g[8] = P::load(tap8);
+      wino_weight<P, S>(g, u);
+      for (int xi = 0; xi < kXi; ++xi) u[xi].store(U + xi * np + p);
+    }
+  } else {
+    wt.resize(9 * np);
+    for (int64_t q = 0; q < np; ++q)
+      for (int k = 0; k < 9; ++k) wt[k * np + q] = w[q * 9 + k];
+    for (; p + V <= np; p += V) {
+      P g[9], u[16];
+      for (int k = 0; k < 9; ++k) g[k] = P::load(wt.data() + k * np + p);
+      wino_weight<P, S>(g, u);
+      for (int xi = 0; xi < kXi; ++xi) u[xi].store(U + xi * np + p);
+    }
   }
   for (; p < np; ++p) {
     S u[16];
@@ -145,18 +162,21 @@ void transform_weights(const S* w, int64_t nb, int64_t E, S* U, std::vector<S>& 
   }
 }
 
-// Calls fn(std::integral_constant<int, N>) for the block sizes that cover [0, n): blocks of
-// Max, then one of the remainder.
+// Calls fn(std::integral_constant<int, N>{}, i) for the blocks [i, i + N) that cover [0, n):
+// blocks of Max, then one of the remainder.
+template <int K, typename Fn>
+inline void call_rest(int64_t rest, int64_t i, const Fn& fn) {
+  if constexpr (K >= 1) {
+    if (rest == K) return fn(std::integral_constant<int, K>{}, i);
+    call_rest<K - 1>(rest, i, fn);
+  }
+}
+
 template <int Max, typename Fn>
 inline void for_blocks(int64_t n, const Fn& fn) {
   int64_t i = 0;
   for (; i + Max <= n; i += Max) fn(std::integral_constant<int, Max>{}, i);
-  const int64_t rest = n - i;
-  if (rest <= 0) return;
-  static_assert(Max <= 4, "for_blocks: remainders up to 3");
-  if (rest == 1) fn(std::integral_constant<int, 1>{}, i);
-  if (rest == 2) fn(std::integral_constant<int, (Max > 2 ? 2 : 1)>{}, i);
-  if (rest == 3) fn(std::integral_constant<int, (Max > 3 ? 3 : 1)>{}, i);
+  call_rest<Max - 1>(n - i, i, fn);
 }
 
 // M[i][t..] = sum_e U[i][e] * X[e][t..] for NB rows i and NT packs of tiles:
@@ -188,6 +208,8 @@ template <typename S>
 void products(const S* U, int64_t ustride, int64_t ukstride, const S* X, int64_t K, int64_t rows,
               int64_t Tp, S* M, bool accumulate) {
   constexpr int V = pack_width<S>();
+  // 4 rows x 2 packs: 8 accumulators, 6 loads per 8 multiply-adds (4 x 3, 6 x 2, 3 x 4
+  // and 2 x 4 measured no faster)
   for_blocks<4>(rows, [&](auto nb, int64_t i) {
     for_blocks<2>(Tp / V, [&](auto nt, int64_t j) {
       products_rows<decltype(nb)::value, decltype(nt)::value>(
@@ -254,24 +276,28 @@ void forward_instance(const S* in, const S* w, const S* bias, S* out, const Wino
   for (int64_t b0 = 0; b0 < G.B; b0 += kBlockB) {
     const int64_t nb = std::min(kBlockB, G.B - b0);
     transform_weights(w + b0 * E * 9, nb, E, s.U.data(), s.wt);
-    for (int xi = 0; xi < kXi; ++xi)
-      products(s.U.data() + xi * nb * E, E, int64_t(1), s.Vt.data() + xi * G.vstride, E, nb, Tp,
-               s.M.data() + xi * G.mstride, false);
-    for (int64_t bi = 0; bi < nb; ++bi) {
-      const P bb(bias ? bias[b0 + bi] : S(0));
-      S* o = out + (b0 + bi) * HW;
-      for (int64_t ty = 0; ty < G.th; ++ty)
-        for (int64_t g = 0; g < G.tg; ++g) {
-          const int64_t t = (ty * G.tg + g) * V;
-          P m[16], y[4];
-          for (int xi = 0; xi < kXi; ++xi) m[xi] = P::load(s.M.data() + xi * G.mstride + bi * Tp + t);
-          wino_output_tile(m, y);
-          for (int i = 0; i < 2 && 2 * ty + i < G.H; ++i) {
-            P lo, hi;
-            interleave(y[2 * i] + bb, y[2 * i + 1] + bb, lo, hi);
-            store_row_pair(lo, hi, o + (2 * ty + i) * G.W, 2 * g * V, G.W);
+    // products and output tiles kSubB output channels at a time: their products stay in L1
+    for (int64_t s0 = 0; s0 < nb; s0 += kSubB) {
+      const int64_t ns = std::min(kSubB, nb - s0);
+      for (int xi = 0; xi < kXi; ++xi)
+        products(s.U.data() + xi * nb * E + s0 * E, E, int64_t(1), s.Vt.data() + xi * G.vstride, E,
+                 ns, Tp, s.M.data() + xi * G.fstride, false);
+      for (int64_t bi = 0; bi < ns; ++bi) {
+        const P bb(bias ? bias[b0 + s0 + bi] : S(0));
+        S* o = out + (b0 + s0 + bi) * HW;
+        for (int64_t ty = 0; ty < G.th; ++ty)
+          for (int64_t g = 0; g < G.tg; ++g) {
+            const int64_t t = (ty * G.tg + g) * V;
+            P m[16], y[4];
+            for (int xi = 0; xi < kXi; ++xi) m[xi] = P::load(s.M.data() + xi * G.fstride + bi * Tp + t);
+            wino_output_tile(m, y);
+            for (int i = 0; i < 2 && 2 * ty + i < G.H; ++i) {
+              P lo, hi;
+              interleave(y[2 * i] + bb, y[2 * i + 1] + bb, lo, hi);
+              store_row_pair(lo, hi, o + (2 * ty + i) * G.W, 2 * g * V, G.W);
+            }
           }
-        }
+      }
     }
   }
 }
