@@ -114,16 +114,6 @@ def test_instance_aware_conv_winograd_float32_error_is_small():
     assert err < 4 * err_direct + 1e-6, (err, err_direct)
 
 
-def test_instance_aware_conv_winograd_gradcheck():
-    # 32 outputs x 18 taps x 30 pixels = 17280 multiply-adds per instance: the Winograd side
-    g = torch.Generator().manual_seed(13)
-    x = torch.randn(2, 2, 6, 5, dtype=f64, generator=g, requires_grad=True)
-    w = torch.randn(2, 32, 2, 3, 3, dtype=f64, generator=g, requires_grad=True)
-    b = torch.randn(2, 32, dtype=f64, generator=g, requires_grad=True)
-    assert _C.instance_aware_conv_cpu_kernel(32, 2, 3, 6, 5, 8) == "winograd"
-    assert torch.autograd.gradcheck(dc.instance_aware_conv, (x, w, b))
-
-
 @pytest.mark.parametrize("d", [5, 7])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_instance_aware_conv_gemm_path(d, with_bias):
@@ -171,13 +161,19 @@ def test_instance_aware_conv_gemm_path_kernel_larger_than_image(d):
         torch.testing.assert_close(a, r)
 
 
-def test_instance_aware_conv_gemm_path_gradcheck():
-    # 16 outputs x 50 taps x 30 pixels = 24000 multiply-adds per instance: the GEMM side
+@pytest.mark.parametrize(
+    "d, B, kernel",
+    [
+        (3, 32, "winograd"),  # 32 outputs x 18 taps x 30 pixels = 17280 multiply-adds per instance
+        (5, 16, "gemm"),  # 16 outputs x 50 taps x 30 pixels = 24000
+    ],
+)
+def test_instance_aware_conv_fast_kernels_gradcheck(d, B, kernel):
     g = torch.Generator().manual_seed(13)
     x = torch.randn(2, 2, 6, 5, dtype=f64, generator=g, requires_grad=True)
-    w = torch.randn(2, 16, 2, 5, 5, dtype=f64, generator=g, requires_grad=True)
-    b = torch.randn(2, 16, dtype=f64, generator=g, requires_grad=True)
-    assert _C.instance_aware_conv_cpu_kernel(16, 2, 5, 6, 5, 8) == "gemm"
+    w = torch.randn(2, B, 2, d, d, dtype=f64, generator=g, requires_grad=True)
+    b = torch.randn(2, B, dtype=f64, generator=g, requires_grad=True)
+    assert _C.instance_aware_conv_cpu_kernel(B, 2, d, 6, 5, 8) == kernel
     assert torch.autograd.gradcheck(dc.instance_aware_conv, (x, w, b))
 
 

@@ -260,6 +260,16 @@ inline void load_row_pair(const S* plane, int64_t y, int64_t x0, int64_t H, int6
 template <typename S>
 struct WinoScratch {
   std::vector<S> planes, Vt, U, M, dVt, dU, gplanes, wt;
+
+  // Sizes the buffers both passes use and transforms the instance's templates into Vt.
+  void start(const S* in, const WinoGeom<S>& G) {
+    planes.resize(G.E * G.plane());
+    Vt.resize(kXi * G.vstride);
+    U.resize(kXi * kBlockB * G.E);
+    M.resize(kXi * G.mstride);
+    fill_planes(in, G, planes.data());
+    transform_inputs(planes.data(), G, Vt.data());
+  }
 };
 
 template <typename S>
@@ -268,12 +278,7 @@ void forward_instance(const S* in, const S* w, const S* bias, S* out, const Wino
   constexpr int V = WinoGeom<S>::V;
   using P = Pack<S, V>;
   const int64_t E = G.E, Tp = G.Tp, HW = G.H * G.W;
-  s.planes.resize(E * G.plane());
-  s.Vt.resize(kXi * G.vstride);
-  s.U.resize(kXi * kBlockB * E);
-  s.M.resize(kXi * G.mstride);
-  fill_planes(in, G, s.planes.data());
-  transform_inputs(s.planes.data(), G, s.Vt.data());
+  s.start(in, G);
   for (int64_t b0 = 0; b0 < G.B; b0 += kBlockB) {
     const int64_t nb = std::min(kBlockB, G.B - b0);
     transform_weights(w + b0 * E * 9, nb, E, s.U.data(), s.wt);
@@ -309,15 +314,10 @@ void backward_instance(const S* go, const S* in, const S* w, S* gin, S* gw, S* g
   constexpr int V = WinoGeom<S>::V;
   using P = Pack<S, V>;
   const int64_t E = G.E, Tp = G.Tp, HW = G.H * G.W;
-  s.planes.resize(E * G.plane());
-  s.Vt.resize(kXi * G.vstride);
-  s.U.resize(kXi * kBlockB * E);
-  s.M.resize(kXi * G.mstride);
+  s.start(in, G);
   s.dVt.assign(kXi * G.vstride, S(0));
   s.dU.resize(kXi * kBlockB * E);
   s.gplanes.assign(E * G.plane(), S(0));
-  fill_planes(in, G, s.planes.data());
-  transform_inputs(s.planes.data(), G, s.Vt.data());
   for (int64_t b0 = 0; b0 < G.B; b0 += kBlockB) {
     const int64_t nb = std::min(kBlockB, G.B - b0);
     transform_weights(w + b0 * E * 9, nb, E, s.U.data(), s.wt);
