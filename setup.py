@@ -6,6 +6,7 @@ CUDA toolkit is found, or when FORCE_CUDA=1; FORCE_CUDA=0 forces a CPU-only buil
 build still runs its CPU kernels on a machine without a GPU.
 """
 import glob
+import sys
 import os
 import shutil
 import sysconfig
@@ -47,8 +48,11 @@ def get_extensions():
     # parallel region only when the including file is compiled with OpenMP; without it
     # every CPU kernel would run on one thread. The extension then links the libgomp that
     # torch has already loaded (same soname), so there is one OpenMP runtime.
-    extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
-    extra_link_args = ["-fopenmp"]
+    # (Apple clang has no -fopenmp; there the CPU kernels stay single-threaded, as
+    # d2seg._C.has_openmp() then reports.)
+    openmp = [] if sys.platform == "darwin" else ["/openmp"] if sys.platform == "win32" else ["-fopenmp"]
+    extra_compile_args = {"cxx": ["-O3"] + openmp}
+    extra_link_args = [] if sys.platform == "win32" else openmp
     define_macros = []
     include_dirs = [csrc]
     extension = CppExtension
