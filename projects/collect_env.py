@@ -43,6 +43,12 @@ def collect_env_info():
     else:
         rows.append(("d2seg._C", f"built for torch {ext.torch_version} with {ext.compiler_version()}"))
         rows.append(("d2seg._C CUDA kernels", f"yes (CUDA {ext.cuda_version()})" if ext.has_cuda() else "no (CPU only)"))
+        rows.append(
+            (
+                "d2seg._C CPU threads",
+                f"OpenMP, {torch.get_num_threads()} threads" if ext.has_openmp() else "one thread (built without OpenMP)",
+            )
+        )
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             cap = ".".join(map(str, torch.cuda.get_device_capability(i)))

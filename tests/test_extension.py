@@ -61,6 +61,6 @@ def test_collect_env_reports_versions():
     out = subprocess.run(
         [sys.executable, "-m", "d2seg.collect_env"], capture_output=True, text=True, check=True
     ).stdout
-    for key in ("PyTorch", "torchvision", "detectron2", "detectron2 build", "d2seg._C", "d2seg._C CUDA kernels"):
+    for key in ("PyTorch", "torchvision", "detectron2", "detectron2 build", "d2seg._C", "d2seg._C CUDA kernels", "d2seg._C CPU threads"):
         assert key in out
     assert d2seg.__version__ in out
