@@ -150,6 +150,15 @@ def test_instance_aware_conv_gemm_path_several_chunks():
         torch.testing.assert_close(a, r)
 
 
+def test_instance_aware_conv_3x3_on_a_large_image_takes_the_gemm_path():
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 1, 256, 256, dtype=f64, generator=g, requires_grad=True)
+    w = torch.randn(2, 1, 1, 3, 3, dtype=f64, generator=g, requires_grad=True)
+    b = torch.randn(2, 1, dtype=f64, generator=g, requires_grad=True)
+    assert _C.instance_aware_conv_cpu_kernel(1, 1, 3, 256, 256, 8) == "gemm"
+    _check_against_reference(x, w, b)
+
+
 @pytest.mark.parametrize("d", [5, 7])
 def test_instance_aware_conv_gemm_path_kernel_larger_than_image(d):
     # taps entirely outside the 2 x 3 image: im2col / col2im must zero / skip them
@@ -186,6 +195,8 @@ def test_instance_aware_conv_fast_kernels_gradcheck(d, B, kernel):
         ((4, 9, 16, 16, 256), 5, "gemm"),
         ((4, 9, 16, 16, 256), 1, "direct"),
         ((2, 4, 5, 7, 3), 3, "direct"),
+        # 3x3 on a 256 x 256 image: Winograd's per-thread scratch would exceed 16 MiB
+        ((2, 1, 256, 256, 1), 3, "gemm"),
     ],
 )
 def test_instance_aware_conv_kernel_choice(shape, d, kernel):

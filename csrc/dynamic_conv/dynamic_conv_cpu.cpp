@@ -7,7 +7,6 @@
 #include <torch/types.h>
 
 #include <algorithm>
-#include <atomic>
 #include <mutex>
 #include <string>
 #include <type_traits>
@@ -251,8 +250,9 @@ void instance_conv_backward_cpu(const S* go, const S* in, const S* w, S* gin, S*
 // instances, and the column buffers are one chunk's worth.
 
 // Which kernel runs: for d = 3 Winograd's F(2x2, 3x3) (instance_conv_winograd_cpu.cpp)
-// when an instance has at least kInstanceConvWinogradMinMacs multiply-adds; the GEMMs for
-// d = 5, 7 from this many multiply-adds on (a BLAS call costs microseconds of fixed
+// when an instance has at least kInstanceConvWinogradMinMacs multiply-adds and its scratch
+// is bounded; the GEMMs for d = 5, 7 (and d = 3 instances too large for Winograd's
+// scratch) from this many multiply-adds on (a BLAS call costs microseconds of fixed
 // overhead that tiny instances do not repay); else the direct kernel above. For d = 1 the
 // direct kernel is as fast as the GEMMs (it is bound by writing the output) and its
 // backward reads the output gradient once per pass from cache, so it is kept.

@@ -10,9 +10,12 @@ namespace d2seg {
 // Instances smaller than this many multiply-adds (output channels x taps x pixels) go to the
 // direct kernel, which has no per-instance set-up.
 constexpr int64_t kInstanceConvWinogradMinMacs = 1 << 14;
+// Largest per-thread scratch (transformed templates, their gradients, one block of products)
+// the Winograd kernels take on; larger instances (big images) go to the GEMM kernel.
+constexpr int64_t kInstanceConvWinogradMaxScratch = int64_t(16) << 20;
 
-// Whether the Winograd kernels take this problem: d == 3, large enough, and a bounded
-// per-thread scratch.
+// Whether the Winograd kernels take this problem: d == 3, large enough, and at most
+// kInstanceConvWinogradMaxScratch bytes of scratch per thread.
 bool instance_conv_use_winograd(int64_t B, int64_t E, int64_t d, int64_t H, int64_t W,
                                 int64_t elem_size);
 

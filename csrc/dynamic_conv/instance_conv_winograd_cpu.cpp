@@ -63,6 +63,11 @@ struct WinoGeom {
     fstride = kSubB * Tp + 16;
   }
   int64_t plane() const { return Hp * 2 * Lh; }
+  // bytes of one thread's WinoScratch (backward, the larger pass)
+  int64_t scratch_bytes() const {
+    const int64_t values = 2 * E * plane() + 2 * kXi * vstride + kXi * mstride + 2 * kXi * kBlockB * E;
+    return values * int64_t(sizeof(S));
+  }
 };
 
 // Padded row pr, padded column 2 c + parity (padded = image + 1) of the deinterleaved plane.
@@ -415,15 +420,25 @@ void backward_instance(const S* go, const S* in, const S* w, S* gin, S* gw, S* g
   }
 }
 
+// Calls fn(r, scratch) for every instance r of [0, R), on all threads, each thread with
+// its own scratch, in the loop body compiled for the best instruction set.
+template <typename S, typename Fn>
+void for_each_instance(int64_t R, const Fn& fn) {
+  parallel_instances(0, R, [&](const auto& take) { run_best([&] {
+    WinoScratch<S> s;
+    for (int64_t r = take(); r >= 0; r = take()) fn(r, s);
+  }); });
+}
+
 }  // namespace
 
 bool instance_conv_use_winograd(int64_t B, int64_t E, int64_t d, int64_t H, int64_t W,
                                 int64_t elem_size) {
   if (d != 3 || B * E * 9 * H * W < kInstanceConvWinogradMinMacs) return false;
-  // the per-thread scratch (transformed inputs and their gradients) stays small
-  const int64_t V = 32 / elem_size;
-  const int64_t Tp = (H + 1) / 2 * (((W + 1) / 2 + V - 1) / V) * V;
-  return 2 * kXi * E * Tp * elem_size <= (int64_t(16) << 20);
+  // a bounded per-thread scratch; larger images go to the GEMM kernel, which works in chunks
+  const int64_t bytes = elem_size == 4 ? WinoGeom<float>(E, B, H, W).scratch_bytes()
+                                       : WinoGeom<double>(E, B, H, W).scratch_bytes();
+  return bytes <= kInstanceConvWinogradMaxScratch;
 }
 
 void instance_conv_forward_winograd(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
@@ -436,12 +451,10 @@ void instance_conv_forward_winograd(const at::Tensor& x, const at::Tensor& w, co
     const S* wp = w.data_ptr<S>();
     const S* bp = b.defined() ? b.data_ptr<S>() : nullptr;
     S* op = out.data_ptr<S>();
-    parallel_instances(0, R, [&](const auto& take) { run_best([&] {
-      WinoScratch<S> s;
-      for (int64_t r = take(); r >= 0; r = take())
-        forward_instance(in + r * E * H * W, wp + r * B * E * 9, bp ? bp + r * B : nullptr,
-                         op + r * B * H * W, G, s);
-    }); });
+    for_each_instance<S>(R, [&](int64_t r, WinoScratch<S>& s) {
+      forward_instance(in + r * E * H * W, wp + r * B * E * 9, bp ? bp + r * B : nullptr,
+                       op + r * B * H * W, G, s);
+    });
   });
 }
 
@@ -458,12 +471,10 @@ void instance_conv_backward_winograd(const at::Tensor& go, const at::Tensor& x,
     S* gip = gin.data_ptr<S>();
     S* gwp = gw.data_ptr<S>();
     S* gbp = gb.data_ptr<S>();
-    parallel_instances(0, R, [&](const auto& take) { run_best([&] {
-      WinoScratch<S> s;
-      for (int64_t r = take(); r >= 0; r = take())
-        backward_instance(gop + r * B * H * W, in + r * E * H * W, wp + r * B * E * 9,
-                          gip + r * E * H * W, gwp + r * B * E * 9, gbp + r * B, G, s);
-    }); });
+    for_each_instance<S>(R, [&](int64_t r, WinoScratch<S>& s) {
+      backward_instance(gop + r * B * H * W, in + r * E * H * W, wp + r * B * E * 9,
+                        gip + r * E * H * W, gwp + r * B * E * 9, gbp + r * B, G, s);
+    });
   });
 }
 
