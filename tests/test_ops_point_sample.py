@@ -83,7 +83,7 @@ def test_point_sample_errors():
         pf.point_sample(x, torch.rand(3, 6, 2))
     with pytest.raises(ValueError, match="same device"):
         pf.point_sample(x, torch.rand(2, 6, 2, device="meta"))
-    with pytest.raises(RuntimeError, match="same floating dtype"):
+    with pytest.raises(RuntimeError, match="point coords must have the floating dtype of the features"):
         torch.ops.d2seg.sample_points(x, torch.rand(2, 6, 2, dtype=f64), None, None, 1.0)
     with pytest.raises(RuntimeError, match=r"batch_index must be in \[0, N\)"):
         torch.ops.d2seg.sample_points(x, torch.rand(3, 6, 2), torch.rand(3, 4), torch.tensor([0, 1, 2]), 0.25)

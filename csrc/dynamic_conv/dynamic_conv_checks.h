@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "core/macros.h"
+#include "core/precision.h"
 #include "dynamic_conv/dynamic_conv.h"
 
 namespace d2seg {
@@ -65,8 +66,10 @@ inline DynLayout check_dynamic_mask_head_args(const at::Tensor& mask_feats,
     const auto& loc = *locations;
     TORCH_CHECK(loc.dim() == 2 && loc.size(0) == params.size(0) && loc.size(1) == 2,
                 "dynamic_mask_head: instance_locations must be (R, 2), got ", loc.sizes());
-    TORCH_CHECK(loc.scalar_type() == mask_feats.scalar_type(),
-                "dynamic_mask_head: instance_locations must have the dtype of mask_feats");
+    TORCH_CHECK(aux_dtype_ok(mask_feats.scalar_type(), loc.scalar_type()),
+                "dynamic_mask_head: instance_locations must have the dtype of mask_feats (or "
+                "float32 beside float16 / bfloat16 mask_feats), got ", loc.scalar_type(),
+                " and ", mask_feats.scalar_type());
     D2SEG_CHECK_SAME_DEVICE(mask_feats, loc);
   }
   if (scales.has_value() && scales->defined()) {
@@ -74,8 +77,10 @@ inline DynLayout check_dynamic_mask_head_args(const at::Tensor& mask_feats,
     const auto& s = *scales;
     TORCH_CHECK(s.dim() == 1 && s.size(0) == params.size(0),
                 "dynamic_mask_head: scales must be (R,), got ", s.sizes());
-    TORCH_CHECK(s.scalar_type() == mask_feats.scalar_type(),
-                "dynamic_mask_head: scales must have the dtype of mask_feats");
+    TORCH_CHECK(aux_dtype_ok(mask_feats.scalar_type(), s.scalar_type()),
+                "dynamic_mask_head: scales must have the dtype of mask_feats (or float32 beside "
+                "float16 / bfloat16 mask_feats), got ", s.scalar_type(), " and ",
+                mask_feats.scalar_type());
     D2SEG_CHECK_SAME_DEVICE(mask_feats, s);
   }
   const int64_t in_channels = mask_feats.size(1) + (rel ? 2 : 0);

@@ -591,6 +591,8 @@ std::string instance_aware_conv_cpu_kernel(int64_t B, int64_t E, int64_t d, int6
 at::Tensor instance_aware_conv_cpu(const at::Tensor& input, const at::Tensor& weight,
                                    const c10::optional<at::Tensor>& bias) {
   check_instance_aware_conv_args(input, weight, bias);
+  if (is_reduced_precision(input.scalar_type()))
+    return call_widened(input.scalar_type(), instance_aware_conv_cpu, input, weight, bias);
   auto x = input.contiguous();
   auto w = weight.contiguous();
   auto b = contiguous_or_undefined(bias);
@@ -622,6 +624,9 @@ at::Tensor instance_aware_conv_cpu(const at::Tensor& input, const at::Tensor& we
 std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight) {
   check_instance_aware_conv_args(input, weight, c10::nullopt);
+  if (is_reduced_precision(input.scalar_type()))
+    return call_widened(input.scalar_type(), instance_aware_conv_backward_cpu, grad_out, input,
+                        weight);
   const int64_t R = input.size(0), E = input.size(1), H = input.size(2), W = input.size(3);
   const int64_t B = weight.size(1);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({R, B, H, W}),
@@ -669,6 +674,9 @@ at::Tensor dynamic_mask_head_cpu(const at::Tensor& mask_feats, const at::Tensor&
   const DynLayout L = check_dynamic_mask_head_args(mask_feats, im_inds, params,
                                                    instance_locations, scales, channels,
                                                    num_layers, stride);
+  if (is_reduced_precision(mask_feats.scalar_type()))
+    return call_widened(mask_feats.scalar_type(), dynamic_mask_head_cpu, mask_feats, im_inds,
+                        params, instance_locations, scales, channels, num_layers, stride);
   check_image_indices(im_inds, mask_feats.size(0));
   auto feat = mask_feats.contiguous();
   auto inds = im_inds.contiguous();
@@ -696,6 +704,10 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_head_backward_cpu(
   const DynLayout L = check_dynamic_mask_head_args(mask_feats, im_inds, params,
                                                    instance_locations, scales, channels,
                                                    num_layers, stride);
+  if (is_reduced_precision(mask_feats.scalar_type()))
+    return call_widened(mask_feats.scalar_type(), dynamic_mask_head_backward_cpu, grad_out,
+                        mask_feats, im_inds, params, instance_locations, scales, channels,
+                        num_layers, stride);
   check_image_indices(im_inds, mask_feats.size(0));
   const int64_t R = params.size(0), H = mask_feats.size(2), W = mask_feats.size(3);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({R, 1, H, W}),

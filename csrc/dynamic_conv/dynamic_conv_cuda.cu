@@ -218,6 +218,8 @@ DynCudaArgs<S> make_args(const at::Tensor& feat, const at::Tensor& inds, const a
 at::Tensor instance_aware_conv_cuda(const at::Tensor& input, const at::Tensor& weight,
                                     const c10::optional<at::Tensor>& bias) {
   check_instance_aware_conv_args(input, weight, bias);
+  if (is_reduced_precision(input.scalar_type()))
+    return call_widened(input.scalar_type(), instance_aware_conv_cuda, input, weight, bias);
   at::cuda::CUDAGuard guard(input.device());
   auto x = input.contiguous();
   auto w = weight.contiguous();
@@ -242,6 +244,9 @@ at::Tensor instance_aware_conv_cuda(const at::Tensor& input, const at::Tensor& w
 std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight) {
   check_instance_aware_conv_args(input, weight, c10::nullopt);
+  if (is_reduced_precision(input.scalar_type()))
+    return call_widened(input.scalar_type(), instance_aware_conv_backward_cuda, grad_out, input,
+                        weight);
   D2SEG_CHECK_SAME_DEVICE(grad_out, input);
   at::cuda::CUDAGuard guard(input.device());
   const int64_t R = input.size(0), E = input.size(1), H = input.size(2), W = input.size(3);
@@ -280,6 +285,9 @@ at::Tensor dynamic_mask_head_cuda(const at::Tensor& mask_feats, const at::Tensor
   const DynLayout L = check_dynamic_mask_head_args(mask_feats, im_inds, params,
                                                    instance_locations, scales, channels,
                                                    num_layers, stride);
+  if (is_reduced_precision(mask_feats.scalar_type()))
+    return call_widened(mask_feats.scalar_type(), dynamic_mask_head_cuda, mask_feats, im_inds,
+                        params, instance_locations, scales, channels, num_layers, stride);
   at::cuda::CUDAGuard guard(mask_feats.device());
   auto feat = mask_feats.contiguous();
   auto inds = im_inds.contiguous();
@@ -313,6 +321,10 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_head_backward_cuda(
   const DynLayout L = check_dynamic_mask_head_args(mask_feats, im_inds, params,
                                                    instance_locations, scales, channels,
                                                    num_layers, stride);
+  if (is_reduced_precision(mask_feats.scalar_type()))
+    return call_widened(mask_feats.scalar_type(), dynamic_mask_head_backward_cuda, grad_out,
+                        mask_feats, im_inds, params, instance_locations, scales, channels,
+                        num_layers, stride);
   D2SEG_CHECK_SAME_DEVICE(grad_out, mask_feats);
   at::cuda::CUDAGuard guard(mask_feats.device());
   const int64_t R = params.size(0), H = mask_feats.size(2), W = mask_feats.size(3);

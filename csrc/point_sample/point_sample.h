@@ -69,21 +69,22 @@ D2SEG_HOST_DEVICE inline BilinearCorners<S> bilinear_corners(S ix, S iy, int64_t
   return c;
 }
 
-// The interpolated value of one plane.
-template <typename S>
-D2SEG_HOST_DEVICE inline S bilinear_value(const S* plane, const int64_t* offset, const S* weight) {
-  return weight[0] * plane[offset[0]] + weight[1] * plane[offset[1]] +
-         weight[2] * plane[offset[2]] + weight[3] * plane[offset[3]];
+// The interpolated value of one plane of storage type F (float16 / bfloat16 planes are read
+// into the arithmetic type S, float32).
+template <typename S, typename F>
+D2SEG_HOST_DEVICE inline S bilinear_value(const F* plane, const int64_t* offset, const S* weight) {
+  return weight[0] * static_cast<S>(plane[offset[0]]) + weight[1] * static_cast<S>(plane[offset[1]]) +
+         weight[2] * static_cast<S>(plane[offset[2]]) + weight[3] * static_cast<S>(plane[offset[3]]);
 }
 
-// Gradient of the interpolated value of one plane w.r.t. the pixel coordinate (ix, iy),
+// Gradient of the interpolated value of one plane (storage type F) w.r.t. the pixel coordinate (ix, iy),
 // times the output gradient g, added to (gx, gy); as grid_sample's backward.
-template <typename S>
-D2SEG_HOST_DEVICE inline void bilinear_coord_grad(const S* plane, const BilinearCorners<S>& c,
+template <typename S, typename F>
+D2SEG_HOST_DEVICE inline void bilinear_coord_grad(const F* plane, const BilinearCorners<S>& c,
                                                   S g, S& gx, S& gy) {
   const S ix_se = c.ix_nw + S(1), iy_se = c.iy_nw + S(1);
-  const S v[4] = {c.inside[0] ? plane[c.offset[0]] : S(0), c.inside[1] ? plane[c.offset[1]] : S(0),
-                  c.inside[2] ? plane[c.offset[2]] : S(0), c.inside[3] ? plane[c.offset[3]] : S(0)};
+  S v[4];
+  for (int k = 0; k < 4; ++k) v[k] = c.inside[k] ? static_cast<S>(plane[c.offset[k]]) : S(0);
   gx += g * (-v[0] * (iy_se - c.iy) + v[1] * (iy_se - c.iy) - v[2] * (c.iy - c.iy_nw) +
              v[3] * (c.iy - c.iy_nw));
   gy += g * (-v[0] * (ix_se - c.ix) - v[1] * (c.ix - c.ix_nw) + v[2] * (ix_se - c.ix) +

@@ -4,6 +4,7 @@
 #include <torch/types.h>
 
 #include "core/macros.h"
+#include "core/precision.h"
 #include "point_sample/point_sample.h"
 
 namespace d2seg {
@@ -13,9 +14,11 @@ inline void check_sample_points_args(const at::Tensor& features, const at::Tenso
                                      const c10::optional<at::Tensor>& batch_index) {
   TORCH_CHECK(features.dim() == 4, "sample_points: features must be (N, C, H, W), got ",
               features.sizes());
-  TORCH_CHECK(features.is_floating_point() && coords.scalar_type() == features.scalar_type(),
-              "sample_points: features and point coords must have the same floating dtype, got ",
-              features.scalar_type(), " and ", coords.scalar_type());
+  TORCH_CHECK(features.is_floating_point() &&
+                  aux_dtype_ok(features.scalar_type(), coords.scalar_type()),
+              "sample_points: point coords must have the floating dtype of the features (or "
+              "float32 beside float16 / bfloat16 features), got features ",
+              features.scalar_type(), " and coords ", coords.scalar_type());
   TORCH_CHECK(coords.dim() == 3 && coords.size(2) == 2,
               "sample_points: point coords must be (R, P, 2), got ", coords.sizes());
   D2SEG_CHECK_SAME_DEVICE(features, coords);
@@ -29,8 +32,9 @@ inline void check_sample_points_args(const at::Tensor& features, const at::Tenso
     TORCH_CHECK(b.dim() == 2 && b.size(0) == coords.size(0) && b.size(1) == 4,
                 "sample_points: boxes must be (R, 4) with R = ", coords.size(0), ", got ",
                 b.sizes());
-    TORCH_CHECK(b.scalar_type() == features.scalar_type(),
-                "sample_points: boxes must have the dtype of features");
+    TORCH_CHECK(b.scalar_type() == coords.scalar_type(),
+                "sample_points: boxes must have the dtype of the point coords, got boxes ",
+                b.scalar_type(), " and coords ", coords.scalar_type());
     TORCH_CHECK(i.dim() == 1 && i.size(0) == coords.size(0) && i.scalar_type() == at::kLong,
                 "sample_points: batch_index must be int64 (R,) with R = ", coords.size(0),
                 ", got ", i.sizes(), " ", i.scalar_type());
@@ -44,7 +48,8 @@ inline void check_sample_points_args(const at::Tensor& features, const at::Tenso
 }
 
 
-// The kernels' view of one call's points (device pointers when the tensors are on a GPU).
+// The kernels' view of one call's points (device pointers when the tensors are on a GPU);
+// coords and boxes in the arithmetic type S (see points_in_compute_dtype).
 template <typename S>
 inline PointRows<S> make_rows(const at::Tensor& features, const at::Tensor& coords,
                               const at::Tensor& boxes, const at::Tensor& batch_index,
@@ -60,6 +65,12 @@ inline PointRows<S> make_rows(const at::Tensor& features, const at::Tensor& coor
 
 inline at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+// Point coords (or boxes) in the dtype the kernels compute in for these features: float32
+// for float16 / bfloat16 features (whatever the coords' own dtype), else the features' dtype.
+inline at::Tensor points_in_compute_dtype(const at::Tensor& t, const at::Tensor& features) {
+  return t.defined() ? cast_to(t, compute_dtype(features.scalar_type())).contiguous() : t;
 }
 
 }  // namespace d2seg

@@ -6,12 +6,18 @@
 // The corners and weights of every point are computed once (point_sample.h), then every
 // channel plane is gathered from (forward) or scattered into (backward) with them. The
 // backward is parallel over (image, channel), so each gradient plane has a single writer.
+//
+// Precision: the features F may be float16 / bfloat16; they are read as float32 (S), the
+// arithmetic (coords, weights, gradients) is float32, and the output is F. The feature
+// gradient is accumulated in float32 and narrowed at the end.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
 #include <vector>
+
+#include <ATen/OpMathType.h>
 
 #include "core/cpu_dispatch.h"
 #include "point_sample/point_sample.h"
@@ -69,8 +75,8 @@ at::Tensor sample_points_cpu(const at::Tensor& features, const at::Tensor& coord
                              double feature_scale) {
   check_sample_points_args(features, coords, boxes, batch_index);
   auto feat = features.contiguous();
-  auto pts = coords.contiguous();
-  auto bx = contiguous_or_undefined(boxes);
+  auto pts = points_in_compute_dtype(coords, feat);
+  auto bx = points_in_compute_dtype(contiguous_or_undefined(boxes), feat);
   auto bi = contiguous_or_undefined(batch_index);
   check_batch_index(bi, feat.size(0));
   const int64_t R = pts.size(0), P = pts.size(1), C = feat.size(1);
@@ -78,22 +84,24 @@ at::Tensor sample_points_cpu(const at::Tensor& features, const at::Tensor& coord
   auto out = at::empty({R, C, P}, feat.options());
   if (out.numel() == 0) return out;
   if (HW == 0) return out.zero_();
-  AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "sample_points_cpu", [&] {
-    using S = scalar_t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "sample_points_cpu", [&] {
+    using F = scalar_t;
+    using S = at::opmath_type<F>;
     const auto rows = make_rows<S>(feat, pts, bx, bi, feature_scale);
-    const auto table = make_table(rows, R, feat);
-    const S* f = feat.data_ptr<S>();
-    S* o = out.data_ptr<S>();
+    const auto table = make_table(rows, R, pts);
+    const F* f = feat.data_ptr<F>();
+    F* o = out.data_ptr<F>();
     at::parallel_for(0, R * C, std::max<int64_t>(1, 4096 / std::max<int64_t>(P, 1)),
                      [&](int64_t begin, int64_t end) {
       run_best([&] {
         for (int64_t rc = begin; rc < end; ++rc) {
           const int64_t r = rc / C, c = rc % C;
-          const S* plane = f + (rows.image(r) * C + c) * HW;
+          const F* plane = f + (rows.image(r) * C + c) * HW;
           const int64_t* off = table.offset + r * P * 4;
           const S* w = table.weight + r * P * 4;
-          S* orow = o + rc * P;
-          for (int64_t p = 0; p < P; ++p) orow[p] = bilinear_value(plane, off + p * 4, w + p * 4);
+          F* orow = o + rc * P;
+          for (int64_t p = 0; p < P; ++p)
+            orow[p] = static_cast<F>(bilinear_value(plane, off + p * 4, w + p * 4));
         }
       });
     });
@@ -113,22 +121,31 @@ std::tuple<at::Tensor, at::Tensor> sample_points_backward_cpu(
               grad_out.sizes());
   TORCH_CHECK(!(coords_grad && boxes.has_value() && boxes->defined()),
               "sample_points_backward: no point-coordinate gradient in the box form");
+  TORCH_CHECK(grad_out.scalar_type() == features.scalar_type(),
+              "sample_points_backward: grad_out must have the dtype of the features, got ",
+              grad_out.scalar_type(), " and ", features.scalar_type());
   auto go = grad_out.contiguous();
   auto feat = features.contiguous();
-  auto pts = coords.contiguous();
-  auto bx = contiguous_or_undefined(boxes);
+  auto pts = points_in_compute_dtype(coords, feat);
+  auto bx = points_in_compute_dtype(contiguous_or_undefined(boxes), feat);
   auto bi = contiguous_or_undefined(batch_index);
   check_batch_index(bi, N);
-  auto grad_feat = at::zeros_like(feat);
+  // accumulated in the arithmetic type, narrowed to the features' / coords' dtypes at the end
+  auto grad_feat = at::zeros(feat.sizes(), pts.options());
   auto grad_coords = at::zeros_like(pts);
-  if (go.numel() == 0 || HW == 0) return {grad_feat, grad_coords};
-  AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "sample_points_backward_cpu", [&] {
-    using S = scalar_t;
+  auto narrowed = [&] {
+    return std::make_tuple(cast_to(grad_feat, feat.scalar_type()),
+                           cast_to(grad_coords, coords.scalar_type()));
+  };
+  if (go.numel() == 0 || HW == 0) return narrowed();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "sample_points_backward_cpu", [&] {
+    using F = scalar_t;
+    using S = at::opmath_type<F>;
     const auto rows = make_rows<S>(feat, pts, bx, bi, feature_scale);
-    const auto table = make_table(rows, R, feat);
+    const auto table = make_table(rows, R, pts);
     std::vector<std::vector<int64_t>> of_image(N);
     for (int64_t r = 0; r < R; ++r) of_image[rows.image(r)].push_back(r);
-    const S* g = go.data_ptr<S>();
+    const F* g = go.data_ptr<F>();
     S* gf = grad_feat.data_ptr<S>();
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       run_best([&] {
@@ -138,9 +155,9 @@ std::tuple<at::Tensor, at::Tensor> sample_points_backward_cpu(
           for (int64_t r : of_image[n]) {
             const int64_t* off = table.offset + r * P * 4;
             const S* w = table.weight + r * P * 4;
-            const S* grow = g + (r * C + c) * P;
+            const F* grow = g + (r * C + c) * P;
             for (int64_t p = 0; p < P; ++p) {
-              const S gv = grow[p];
+              const S gv = static_cast<S>(grow[p]);
               for (int k = 0; k < 4; ++k)
                 if (w[p * 4 + k] != S(0)) plane[off[p * 4 + k]] += w[p * 4 + k] * gv;
             }
@@ -149,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> sample_points_backward_cpu(
       });
     });
     if (coords_grad) {
-      const S* f = feat.data_ptr<S>();
+      const F* f = feat.data_ptr<F>();
       S* gc = grad_coords.data_ptr<S>();
       at::parallel_for(0, R * P, 256, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
@@ -159,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor> sample_points_backward_cpu(
           const auto corners = bilinear_corners(ix, iy, H, W);
           S gx = 0, gy = 0;
           for (int64_t c = 0; c < C; ++c)
-            bilinear_coord_grad(f + (rows.image(r) * C + c) * HW, corners, g[(r * C + c) * P + p],
-                                gx, gy);
+            bilinear_coord_grad(f + (rows.image(r) * C + c) * HW, corners,
+                                static_cast<S>(g[(r * C + c) * P + p]), gx, gy);
           // d pixel / d point = size (grid = 2p - 1, pixel = ((grid + 1) size - 1) / 2).
           gc[i * 2] = gx * static_cast<S>(W);
           gc[i * 2 + 1] = gy * static_cast<S>(H);
@@ -168,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> sample_points_backward_cpu(
       });
     }
   });
-  return {grad_feat, grad_coords};
+  return narrowed();
 }
 
 TORCH_LIBRARY_FRAGMENT(d2seg, m) {

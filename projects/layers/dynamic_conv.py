@@ -7,8 +7,10 @@ Shape shorthand:
     P: dynamic parameters per instance (169 for CondInst's default head).
 
 Two families, each a compiled op ``torch.ops.d2seg.*`` (CPU and CUDA) with a pure-PyTorch
-reference of the same name + ``_reference`` (used by the tests, and as the fallback when
-the extension is missing or the dtype is not float32/float64):
+reference of the same name + ``_reference`` (used by the tests, and as the fallback, logged
+once with its reason, when the extension is missing). The compiled ops take float32,
+float64, float16 and bfloat16 (the half types accumulate in float32 and return their own
+dtype) and have an autocast policy (csrc/autocast.cpp; docs/mixed_precision.md):
 
 * :func:`instance_aware_conv` (PointINS): per-instance input templates and weights.
 * :func:`dynamic_mask_head` (CondInst) and :func:`dynamic_kernel_product` (SparseInst /
@@ -20,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .extension import load_extension, use_compiled
+from .extension import autocast_on, compiled_dtype_ok, load_extension, use_compiled
 
 __all__ = [
     "instance_aware_conv",
@@ -32,8 +34,6 @@ __all__ = [
     "dynamic_kernel_product",
     "dynamic_kernel_product_reference",
 ]
-
-_COMPILED_DTYPES = (torch.float32, torch.float64)
 
 
 def _check_same_device(name, *tensors):
@@ -65,7 +65,8 @@ def _check_instance_aware_conv(templates, weights, bias):
         raise ValueError(f"instance_aware_conv: bias must be (R, B) = {(R, weights.shape[1])}, got {tuple(bias.shape)}")
     _check_same_device("instance_aware_conv", templates, weights, bias)
     dtypes = {t.dtype for t in (templates, weights, bias) if t is not None}
-    if len(dtypes) > 1:
+    # under autocast the op's policy casts them to one dtype
+    if len(dtypes) > 1 and not autocast_on(templates.device):
         raise ValueError(f"instance_aware_conv: all tensors must have the same dtype, got {dtypes}")
 
 
@@ -100,7 +101,9 @@ def instance_aware_conv(
         (R, B, K, K).
     """
     _check_instance_aware_conv(templates, weights, bias)
-    if templates.dtype in _COMPILED_DTYPES and use_compiled(templates, weights):
+    if compiled_dtype_ok("instance_aware_conv", templates, weights, bias) and use_compiled(
+        templates, weights, op="instance_aware_conv"
+    ):
         return torch.ops.d2seg.instance_aware_conv(templates, weights, bias)
     return instance_aware_conv_reference(templates, weights, bias)
 
@@ -238,14 +241,20 @@ def dynamic_mask_head(
         locations and scales are treated as constants).
     """
     _check_dynamic_mask_head(mask_feats, im_inds, params, channels, num_layers, instance_locations, scales)
-    if mask_feats.dtype in _COMPILED_DTYPES and use_compiled(mask_feats, params):
+    if compiled_dtype_ok("dynamic_mask_head", mask_feats, params) and use_compiled(
+        mask_feats, params, op="dynamic_mask_head"
+    ):
         dt = mask_feats.dtype
+        # locations and scales: float32 beside float16 / bfloat16 features (pixel positions)
+        lt = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+        if autocast_on(mask_feats.device):
+            dt = params.dtype  # the op's autocast policy casts both
         return torch.ops.d2seg.dynamic_mask_head(
             mask_feats,
             im_inds.long(),
             params.to(dt),
-            None if instance_locations is None else instance_locations.detach().to(dt),
-            None if scales is None else scales.detach().to(dt),
+            None if instance_locations is None else instance_locations.detach().to(lt),
+            None if scales is None else scales.detach().to(lt),
             int(channels),
             int(num_layers),
             int(mask_feat_stride),

@@ -55,10 +55,47 @@ def _warn_fallback():
         logger.warning(msg)
 
 
-def use_compiled(*tensors):
-    """Whether to run the compiled op for these inputs (else: the reference)."""
+# (op, reason) of every fallback to a reference that happened in this process.
+_FALLBACKS = set()
+
+# The dtypes every compiled op takes (float16 / bfloat16 accumulate in float32).
+COMPILED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def log_fallback(op, reason):
+    """Record that ``op`` ran its pure-PyTorch reference instead of the compiled kernel, and
+    log it once per (op, reason) with the reason."""
+    key = (op, reason)
+    if key not in _FALLBACKS:
+        _FALLBACKS.add(key)
+        logger.warning("d2seg.layers.%s: running the pure-PyTorch reference instead of the compiled op: %s", op, reason)
+
+
+def fallbacks():
+    """The (op, reason) pairs of every fallback so far in this process (sorted)."""
+    return sorted(_FALLBACKS)
+
+
+def compiled_dtype_ok(op, *tensors):
+    """Whether the compiled op takes these tensors' dtypes; a fallback is logged if not."""
+    bad = sorted({str(t.dtype) for t in tensors if t is not None and t.dtype not in COMPILED_DTYPES})
+    if bad:
+        log_fallback(op, f"dtype {', '.join(bad)} has no compiled kernel")
+        return False
+    return True
+
+
+def autocast_on(device):
+    """Whether a torch.autocast region is active for tensors on ``device``."""
+    return torch.is_autocast_enabled(device.type) if device.type in ("cpu", "cuda") else False
+
+
+def use_compiled(*tensors, op=None):
+    """Whether to run the compiled op for these inputs (else: the reference, logged)."""
     if load_extension() is None:
         _warn_fallback()
+        if op is not None:
+            log_fallback(op, f"d2seg._C is not available ({_EXT_ERROR})")
         return False
     if any(t.is_cuda for t in tensors) and not _EXT.has_cuda():
         raise RuntimeError(

@@ -15,13 +15,18 @@ Shape shorthand:
   :func:`get_uncertain_point_coords_on_grid` (inference, subdivision step): the PointRend
   paper's point selection, in PyTorch (a top-k over a few thousand values per box; see
   docs/ops.md for why it does not get a kernel).
+
+Precision: the features may be float32, float64, float16 or bfloat16; the points (and boxes)
+are float32 beside float16 / bfloat16 features, and the result has the features' dtype. Under
+torch.autocast the features keep their dtype and the points become float32 (the op's
+autocast policy, csrc/autocast.cpp).
 """
 from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .extension import load_extension, use_compiled
+from .extension import autocast_on, compiled_dtype_ok, load_extension, log_fallback, use_compiled
 
 __all__ = [
     "point_sample",
@@ -33,7 +38,14 @@ __all__ = [
     "get_uncertain_point_coords_on_grid",
 ]
 
-_COMPILED_DTYPES = (torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _coords_dtype(features_dtype):
+    """The dtype of point coordinates and boxes beside features of this dtype: float32 next
+    to float16 / bfloat16 features (a bfloat16 coordinate in [0, 1] can be 1/256 of the map
+    off), else the features' own dtype."""
+    return torch.float32 if features_dtype in _HALF else features_dtype
 
 
 def point_sample_reference(input, point_coords, **kwargs):
@@ -79,16 +91,17 @@ def point_sample(input: torch.Tensor, point_coords: torch.Tensor, **kwargs) -> t
         )
     if input.device != point_coords.device:
         raise ValueError(f"point_sample: input and point_coords must be on the same device, got {input.device} and {point_coords.device}")
-    if (
-        input.dtype in _COMPILED_DTYPES
-        and point_coords.dtype == input.dtype
-        and _compiled_kwargs_ok(kwargs)
-        and use_compiled(input, point_coords)
-    ):
+    if not _compiled_kwargs_ok(kwargs):
+        log_fallback("point_sample", f"grid_sample options {kwargs} (the compiled op is bilinear, zeros, align_corners=False)")
+    elif compiled_dtype_ok("point_sample", input, point_coords) and use_compiled(input, point_coords, op="point_sample"):
+        if not autocast_on(input.device):
+            point_coords = point_coords.to(_coords_dtype(input.dtype))
         shape = point_coords.shape
         flat = point_coords.reshape(shape[0], shape[1] * (shape[2] if point_coords.dim() == 4 else 1), 2)
         out = torch.ops.d2seg.sample_points(input, flat, None, None, 1.0)
         return out if point_coords.dim() == 3 else out.reshape(input.shape[:2] + shape[1:3])
+    if input.dtype != point_coords.dtype and not autocast_on(input.device):
+        point_coords = point_coords.to(input.dtype)  # grid_sample wants one dtype
     return point_sample_reference(input, point_coords, **kwargs)
 
 
@@ -159,16 +172,17 @@ def point_sample_boxes(
         w.r.t. the feature maps (boxes and points are treated as constants).
     """
     _check_boxes_args(features_list, boxes, batch_index, point_coords, feature_scales)
-    dt = features_list[0].dtype
-    if (
-        dt in _COMPILED_DTYPES
-        and all(f.dtype == dt for f in features_list)
-        and use_compiled(*features_list)
+    if compiled_dtype_ok("point_sample_boxes", *features_list) and use_compiled(
+        *features_list, op="point_sample_boxes"
     ):
-        b = boxes.detach().to(dt)
-        pts = point_coords.detach().to(dt)
-        idx = batch_index.long()
-        outs = [torch.ops.d2seg.sample_points(f, pts, b, idx, float(s)) for f, s in zip(features_list, feature_scales)]
+        pts, b, idx = point_coords.detach(), boxes.detach(), batch_index.long()
+        # per level, the points in the dtype its features want (float32 beside half types)
+        outs = [
+            torch.ops.d2seg.sample_points(
+                f, pts.to(_coords_dtype(f.dtype)), b.to(_coords_dtype(f.dtype)), idx, float(s)
+            )
+            for f, s in zip(features_list, feature_scales)
+        ]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return point_sample_boxes_reference(features_list, boxes, batch_index, point_coords, feature_scales)
 
