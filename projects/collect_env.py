@@ -34,7 +34,7 @@ def collect_env_info():
         rows.append(("detectron2", f"not importable: {e}"))
 
     import d2seg
-    from d2seg.layers.extension import extension_error, load_extension
+    from d2seg.layers.extension import extension_error, load_extension, op_precision_support
 
     rows.append(("d2seg", f"{d2seg.__version__} @{os.path.dirname(d2seg.__file__)}"))
     ext = load_extension()
@@ -49,6 +49,9 @@ def collect_env_info():
                 f"OpenMP, {torch.get_num_threads()} threads" if ext.has_openmp() else "one thread (built without OpenMP)",
             )
         )
+        for r in op_precision_support():
+            autocast = f"autocast ({', '.join(r['autocast'])}): {r['policy']}" if r["autocast"] else "no autocast policy"
+            rows.append((f"d2seg::{r['op']}", f"{' '.join(r['dtypes'])}; {autocast}"))
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             cap = ".".join(map(str, torch.cuda.get_device_capability(i)))

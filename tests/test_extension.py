@@ -64,3 +64,14 @@ def test_collect_env_reports_versions():
     for key in ("PyTorch", "torchvision", "detectron2", "detectron2 build", "d2seg._C", "d2seg._C CUDA kernels", "d2seg._C CPU threads"):
         assert key in out
     assert d2seg.__version__ in out
+
+
+def test_collect_env_reports_each_ops_half_precision_and_autocast_policy():
+    out = subprocess.run(
+        [sys.executable, "-m", "d2seg.collect_env"], capture_output=True, text=True, check=True
+    ).stdout
+    lines = {l.split()[0]: l for l in out.splitlines() if l.startswith("d2seg::")}
+    assert set(lines) == {"d2seg::instance_aware_conv", "d2seg::dynamic_mask_head", "d2seg::sample_points"}
+    for line in lines.values():
+        assert "float16 bfloat16" in line and "autocast (CPU, CUDA)" in line
+    assert "coords, boxes -> float32" in lines["d2seg::sample_points"]

@@ -122,3 +122,43 @@ def axpy(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     if use_compiled(x, y):
         return torch.ops.d2seg.axpy(x, y, float(alpha))
     return axpy_reference(x, y, alpha)
+
+
+# The autocast policy of each compiled op (registered in csrc/autocast.cpp; backward ops
+# have none: autograd calls them with the forward's dtypes).
+AUTOCAST_POLICIES = {
+    "instance_aware_conv": "input, weight, bias -> autocast dtype",
+    "dynamic_mask_head": "mask_feats, params -> autocast dtype; instance_locations, scales -> float32",
+    "sample_points": "features keep their dtype; coords, boxes -> float32",
+}
+
+
+def _probe(op, dt):
+    """Run ``op`` on a tiny CPU input of dtype ``dt``; whether its kernel took it."""
+    ops = torch.ops.d2seg
+    try:
+        if op == "instance_aware_conv":
+            out = ops.instance_aware_conv(torch.ones(1, 2, 3, 3, dtype=dt), torch.ones(1, 2, 2, 1, 1, dtype=dt), None)
+        elif op == "dynamic_mask_head":
+            out = ops.dynamic_mask_head(torch.ones(1, 1, 2, 2, dtype=dt), torch.zeros(1, dtype=torch.long),
+                                        torch.ones(1, 2, dtype=dt), None, None, 8, 1, 8)
+        else:
+            out = ops.sample_points(torch.ones(1, 1, 2, 2, dtype=dt), torch.full((1, 1, 2), 0.5, dtype=dt), None, None, 1.0)
+        return out.dtype == dt
+    except RuntimeError:
+        return False
+
+
+def op_precision_support():
+    """For each compiled op: the dtypes its CPU kernel takes (probed), its autocast policy
+    and the devices it is registered for. Empty if the extension is not built."""
+    if load_extension() is None:
+        return []
+    rows = []
+    for op, policy in AUTOCAST_POLICIES.items():
+        name = f"d2seg::{op}"
+        dtypes = [str(dt).replace("torch.", "") for dt in COMPILED_DTYPES if _probe(op, dt)]
+        keys = [k.replace("Autocast", "") for k in ("AutocastCPU", "AutocastCUDA")
+                if torch._C._dispatch_has_kernel_for_dispatch_key(name, k)]
+        rows.append({"op": op, "dtypes": dtypes, "autocast": keys, "policy": policy})
+    return rows
