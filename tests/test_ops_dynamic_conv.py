@@ -391,3 +391,17 @@ def test_cuda_matches_cpu():
     for d in (1, 3):
         w = torch.randn(3, 8, 9, d, d)
         torch.testing.assert_close(dc.instance_aware_conv(x.cuda(), w.cuda()).cpu(), dc.instance_aware_conv(x, w), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_instance_aware_conv_without_input_channels(d):
+    # E = 0: the output is the bias; its gradient is the output gradient summed over the pixels
+    x = torch.zeros(3, 0, 6, 7, requires_grad=True)
+    w = torch.zeros(3, 4, 0, d, d, requires_grad=True)
+    b = torch.randn(3, 4, requires_grad=True)
+    out = dc.instance_aware_conv(x, w, b)
+    torch.testing.assert_close(out, b[:, :, None, None].expand(3, 4, 6, 7).detach())
+    go = torch.randn(3, 4, 6, 7)
+    out.backward(go)
+    torch.testing.assert_close(b.grad, go.sum((2, 3)))
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape

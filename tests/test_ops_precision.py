@@ -246,7 +246,9 @@ def test_autocast_point_sample_keeps_feature_dtype_and_float32_points():
                                               for op, why in extension.fallbacks())
 
 
-def test_fallback_is_logged_once_with_its_reason(caplog):
+def test_fallback_is_logged_once_with_its_reason(caplog, monkeypatch):
+    # Another test may already have logged this (op, reason) in this process: start afresh.
+    monkeypatch.setattr(extension, "_FALLBACKS", set())
     x = torch.randn(1, 2, 5, 5)
     pts = torch.rand(1, 4, 2)
     with caplog.at_level(logging.WARNING, logger="d2seg.layers.extension"):

@@ -200,6 +200,14 @@ void instance_conv_backward_cpu(const S* go, const S* in, const S* w, S* gin, S*
           if (with_bias) gb[r * B + b] = gsum.sum() + gsum_s;
         };
         for (int64_t b = 0; b < B; ++b) {
+          if (E == 0) {
+            // no input channel to carry the bias sum along: the row sum on its own
+            const S* g = gsrc + b * HW;
+            S s = 0;
+            for (int64_t x = 0; x < HW; ++x) s += g[x];
+            gb[r * B + b] = s;
+            continue;
+          }
           int64_t e0 = 0;
           for (; e0 + 8 <= E; e0 += 8) run_wblock(std::integral_constant<int, 8>{}, b, e0, e0 == 0);
           for (; e0 + 4 <= E; e0 += 4) run_wblock(std::integral_constant<int, 4>{}, b, e0, e0 == 0);

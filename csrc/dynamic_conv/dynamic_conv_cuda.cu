@@ -261,6 +261,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_aware_conv_backward_cuda
   auto gw = at::zeros_like(w);
   auto gb = at::zeros({R, B}, x.options());
   if (go.numel() == 0) return {gin, gw, gb};
+  // No input channel: nothing to launch a thread per (r, b, e) for; the bias gradient is
+  // the output gradient's sum over the pixels.
+  if (E == 0) return {gin, gw, go.sum({2, 3})};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "instance_aware_conv_backward_cuda", [&] {
     dispatch_kernel_size((int)w.size(3), [&](auto d) {
