@@ -1,7 +1,7 @@
 # The two commands of README.md: `make install` (set-up) and `make test` (whole suite).
 PYTHON ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV)/bin/python,$(CURDIR)/.venv/bin/python)
 
-.PHONY: install test test-slow build
+.PHONY: install test test-slow test-gpu build
 install:
 	bash tools/setup.sh
 
@@ -15,3 +15,8 @@ test:
 # Long learning runs (minutes each), reported in README.md.
 test-slow:
 	$(PYTHON) -m pytest tests -m slow
+
+# On a GPU machine: GPU op tests, 50-iteration CUDA training of every shapes config, both
+# benchmarks; one report (docs/gpu_check.md + .json). Refuses (exit 2) without CUDA.
+test-gpu:
+	$(PYTHON) tools/gpu_check.py

@@ -86,6 +86,10 @@ def parse_args(argv=None):
     p.add_argument("--output", default=os.path.join("output", "benchmark"),
                    help="output folder (default output/benchmark)")
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per subprocess (default 900)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="start no further config (or phase) once S seconds have passed; with it, every "
+                        "config's inference runs first, then the training runs; what was not measured is "
+                        "listed under the table and in benchmark.json (not an error)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides for every config")
     args = p.parse_args(argv)
 
@@ -101,6 +105,8 @@ def parse_args(argv=None):
             fail(f"--config-file: config file not found: {c}")
         if not c.endswith((".yaml", ".yml")):
             fail(f"--config-file: not a YAML config: {c}")
+    if args.time_budget is not None and args.time_budget < 0:
+        fail("--time-budget must be >= 0")
     for name in ("threads", "repeats", "batch_size", "train_iters", "timeout"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1")
@@ -237,32 +243,46 @@ def main(argv=None):
     os.makedirs(log_dir, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     t0 = time.time()
-    rows = []
-    for i, config_file in enumerate(args.config_file):
-        row = {"config_file": os.path.relpath(config_file, REPO) if os.path.isabs(config_file) else config_file,
-               "method": method_name(config_file), "infer": None, "train": None}
-        print(f"[{i + 1}/{len(args.config_file)}] {config_file}: inference ...", flush=True)
-        row["infer"] = run_phase(args, config_file, "infer", log_dir)
-        _print_result(row["infer"])
-        if not args.no_train:
-            print(f"[{i + 1}/{len(args.config_file)}] {config_file}: training ...", flush=True)
-            row["train"] = run_phase(args, config_file, "train", log_dir)
-            _print_result(row["train"])
-        rows.append(row)
+    rows = [{"config_file": os.path.relpath(c, REPO) if os.path.isabs(c) else c, "method": method_name(c),
+             "infer": None, "train": None} for c in args.config_file]
+    not_measured = []
+    phases = ["infer"] + ([] if args.no_train else ["train"])
+    # with a time budget, every config's inference first, then the training runs, so that a
+    # budget cut costs training rows before it costs whole configs
+    order = ([(p, i) for p in phases for i in range(len(rows))] if args.time_budget is not None
+             else [(p, i) for i in range(len(rows)) for p in phases])
+    for phase, i in order:
+        config_file, row = args.config_file[i], rows[i]
+        what = "inference" if phase == "infer" else "training"
+        if phase == "train" and row["infer"] is None:
+            continue  # the whole config is already listed as not measured
+        if args.time_budget is not None and time.time() - t0 > args.time_budget:
+            print(f"[{i + 1}/{len(rows)}] {config_file}: {what} not measured (--time-budget "
+                  f"{args.time_budget:g} s spent)", flush=True)
+            not_measured.append(row["config_file"] + ("" if phase == "infer" else " (training)"))
+            continue
+        print(f"[{i + 1}/{len(rows)}] {config_file}: {what} ...", flush=True)
+        row[phase] = run_phase(args, config_file, phase, log_dir)
+        _print_result(row[phase])
+    rows = [r for r in rows if r["infer"] is not None]
     rows = add_ratios(order_rows(rows))
     wall = time.time() - t0
     md_path = os.path.join(args.output, "benchmark.md")
     png_path = os.path.join(args.output, "benchmark.png")
     footer = [f"![benchmark chart](benchmark.png)"]
+    if not_measured:
+        footer = [f"Not measured (--time-budget {args.time_budget:g} s spent): "
+                  + ", ".join(f"`{c}`" for c in not_measured), ""] + footer
     title = (f"d2seg benchmark, {args.device}, {args.threads} thread(s), "
              + (f"{args.input_size[0]}×{args.input_size[1]}" if args.input_size else "config sizes (shapes: 128×128)")
              + (", all detections" if args.all_detections else "") + (", trained weights" if args.trained else ""))
-    have_chart = write_chart(png_path, rows, title)
-    text = write_markdown(md_path, rows, header_lines(args, rows, started, wall), footer if have_chart else [])
+    have_chart = write_chart(png_path, rows, title) if rows else False
+    text = write_markdown(md_path, rows, header_lines(args, rows, started, wall), footer if have_chart else footer[:-1])
     with open(os.path.join(args.output, "benchmark.json"), "w") as f:
-        json.dump({"args": vars(args), "started_utc": started, "wall_s": wall, "rows": rows}, f, indent=1)
+        json.dump({"args": vars(args), "started_utc": started, "wall_s": wall, "rows": rows,
+                   "not_measured": not_measured}, f, indent=1)
     print(text)
-    print(f"wrote {md_path}" + (f", {png_path}" if have_chart else " (no chart: matplotlib missing)"))
+    print(f"wrote {md_path}" + (f", {png_path}" if have_chart else " (no chart: matplotlib missing)" if rows else ""))
     failed = [r["config_file"] for r in rows for p in ("infer", "train") if r.get(p) and "error" in r[p]]
     if failed:
         print(f"FAILED: {sorted(set(failed))}", file=sys.stderr)

@@ -4,6 +4,7 @@ people would otherwise write, at realistic sizes, forward and forward+backward.
 
     python tools/benchmark_ops.py                 # CPU, 2 threads
     python tools/benchmark_ops.py --device cuda   # on a GPU
+    python tools/benchmark_ops.py --device cuda --dtype float32,float16 --json ops.json
 
 Each case runs the compiled op and the composite alternately (--repeat times each) on the
 same inputs; a time is the fastest run (wall clock), "cpu" the process CPU time of that
@@ -14,7 +15,9 @@ timing and the memory count, as the next layer would hand it over. Peak memory i
 largest amount of memory allocated during one call and still held at some instant
 (outputs included; inputs excluded), from the PyTorch profiler on CPU and
 torch.cuda.max_memory_allocated on CUDA.
-Prints a Markdown table; ratios are composite / compiled (> 1: the compiled op wins).
+Prints a Markdown table per dtype (--dtype; float16 / bfloat16 inputs run the compiled ops'
+float32 arithmetic and the composites in that dtype, on a GPU); ratios are composite /
+compiled (> 1: the compiled op wins). --json also writes every row as JSON.
 
 On a CPU, fresh output tensors cost page faults (each 4 KiB page is zeroed by the kernel
 on first touch), which both sides pay; PyTorch's THP_MEM_ALLOC_ENABLE=1 (set in the
@@ -22,6 +25,7 @@ environment before the run) backs large allocations with 2 MiB pages instead, wh
 leaves mostly the computation to compare.
 """
 import argparse
+import json
 import os
 import time
 
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 
 from d2seg.layers import dynamic_conv as dc
 from d2seg.layers import point_features as pf
-from d2seg.layers.extension import extension_available
+from d2seg.layers.extension import extension_available, load_extension
 
 
 def _sync(device):
@@ -157,48 +161,81 @@ def fmt_ms(s):
     return f"{s * 1000:.1f}"
 
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", default="", help="run only the cases whose name contains this")
+    parser.add_argument("--dtype", default="float32",
+                        help="comma-separated dtypes, one table each: float32, float64, float16, bfloat16 (default float32)")
+    parser.add_argument("--json", default="", metavar="PATH", help="also write every row (and the set-up) to this JSON file")
     args = parser.parse_args()
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        parser.error(f"--dtype: unknown {bad or args.dtype!r}; choose from {', '.join(DTYPES)}")
     if not extension_available():
         raise SystemExit("d2seg._C is not built: the benchmark would compare the references with themselves")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+        if not load_extension().has_cuda():
+            parser.error("--device cuda: d2seg._C was built without CUDA kernels (rebuild with FORCE_CUDA=1 make build)")
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
-        f"THP_MEM_ALLOC_ENABLE={thp}, load average at start {os.getloadavg()[0]:.2f}\n"
+    where = f"device {device}"
+    if device.type == "cuda":
+        where += (f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}; composites with "
+                  f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+                  f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32})")
+    setup = (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}, "
+        f"THP_MEM_ALLOC_ENABLE={thp}, load average at start {os.getloadavg()[0]:.2f}"
     )
-    print("| op | pass | compiled ms | composite ms | speed-up | compiled peak MiB | composite peak MiB | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, composite, ours, ref, inputs in cases(device):
-        if args.only and args.only not in name:
-            continue
-        for mode in ("forward", "forward+backward"):
-            if mode == "forward":
-                fa, fb = (lambda: ours(*inputs)), (lambda: ref(*inputs))
-                with torch.no_grad():
+    print(setup + "\n")
+    rows = []
+    for dtype_name in dtypes:
+        if len(dtypes) > 1 or dtype_name != "float32":
+            print(f"\n{dtype_name}:\n")
+        print("| op | pass | compiled ms | composite ms | speed-up | compiled peak MiB | composite peak MiB | memory ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, composite, ours, ref, inputs in cases(device, DTYPES[dtype_name]):
+            if args.only and args.only not in name:
+                continue
+            for mode in ("forward", "forward+backward"):
+                if mode == "forward":
+                    fa, fb = (lambda: ours(*inputs)), (lambda: ref(*inputs))
+                    with torch.no_grad():
+                        (ta, ca), (tb, cb) = compare(fa, fb, device, args.repeat)
+                        ma, mb = peak_memory(fa, device), peak_memory(fb, device)
+                else:
+                    req = [t.detach().requires_grad_() for t in inputs]
+                    with torch.no_grad():
+                        grad = torch.ones_like(ours(*inputs))
+                    fa = forward_backward(lambda: ours(*req), req, grad)
+                    fb = forward_backward(lambda: ref(*req), req, grad)
                     (ta, ca), (tb, cb) = compare(fa, fb, device, args.repeat)
                     ma, mb = peak_memory(fa, device), peak_memory(fb, device)
-            else:
-                req = [t.detach().requires_grad_() for t in inputs]
-                with torch.no_grad():
-                    grad = torch.ones_like(ours(*inputs))
-                fa = forward_backward(lambda: ours(*req), req, grad)
-                fb = forward_backward(lambda: ref(*req), req, grad)
-                (ta, ca), (tb, cb) = compare(fa, fb, device, args.repeat)
-                ma, mb = peak_memory(fa, device), peak_memory(fb, device)
-            print(
-                f"| {name} | {mode} | {fmt_ms(ta)} (cpu {fmt_ms(ca / args.threads)}) | {fmt_ms(tb)} (cpu {fmt_ms(cb / args.threads)}) "
-                f"| {tb / ta:.2f}x | {ma / 2**20:.1f} | {mb / 2**20:.1f} | {ma / max(mb, 1):.3f} |",
-                flush=True,
-            )
-        print(f"| ↳ composite: {composite} | | | | | | | |")
+                print(
+                    f"| {name} | {mode} | {fmt_ms(ta)} (cpu {fmt_ms(ca / args.threads)}) | {fmt_ms(tb)} (cpu {fmt_ms(cb / args.threads)}) "
+                    f"| {tb / ta:.2f}x | {ma / 2**20:.1f} | {mb / 2**20:.1f} | {ma / max(mb, 1):.3f} |",
+                    flush=True,
+                )
+                rows.append(dict(op=name, dtype=dtype_name, mode=mode, composite=composite,
+                                 compiled_ms=ta * 1000, composite_ms=tb * 1000, speedup=tb / ta,
+                                 compiled_peak_mib=ma / 2**20, composite_peak_mib=mb / 2**20,
+                                 memory_ratio=ma / max(mb, 1)))
+            print(f"| ↳ composite: {composite} | | | | | | | |")
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"setup": setup, "device": str(device), "repeat": args.repeat, "threads": args.threads,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
