@@ -30,6 +30,10 @@ def add_shared_config(cfg):
     cfg.SOLVER.OPTIMIZER = "SGD"
     cfg.SOLVER.BETAS = (0.9, 0.999)
     cfg.SOLVER.EPS = 1e-8
+    # Mixed precision (with SOLVER.AMP.ENABLED): the autocast dtype, "float16" or "bfloat16";
+    # "" picks float16 on CUDA (Detectron2's AMPTrainer) and bfloat16 on CPU (the only
+    # reduced dtype CPU autocast trains in without a gradient scaler). See docs/mixed_precision.md.
+    cfg.SOLVER.AMP.PRECISION = ""
 
 
 def add_d2seg_config(cfg):

@@ -11,6 +11,7 @@ process (see tools/benchmark.py), so phases never share a high-water mark.
 CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (tensors
 only; the caching allocator's reserve and the CUDA context are not counted).
 """
+import gc
 import re
 import resource
 
@@ -56,6 +57,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.method = "torch.cuda.max_memory_allocated"
             return
+        # Free what earlier work left to the cycle collector now, not during the phase: a
+        # collection inside it would lower the RSS and hide the phase's own peak.
+        gc.collect()
         rss = _status_kib("VmRSS")
         if rss is not None and _reset_peak_rss():
             self._base_kib = _status_kib("VmRSS")

@@ -13,6 +13,7 @@
 import itertools
 import logging
 import os
+import time
 import weakref
 
 import torch
@@ -127,6 +128,63 @@ def build_optimizer(cfg, model):
     return optim_cls(params, **kwargs)
 
 
+_AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def amp_precision(cfg, on_gpu):
+    """The autocast dtype of ``SOLVER.AMP`` for a model on CUDA (``on_gpu``) or on CPU."""
+    name = cfg.SOLVER.AMP.PRECISION or ("float16" if on_gpu else "bfloat16")
+    if name not in _AMP_DTYPES:
+        raise ValueError(f"SOLVER.AMP.PRECISION: unknown dtype {name!r}; expected "
+                         "'float16', 'bfloat16' or '' (float16 on CUDA, bfloat16 on CPU)")
+    if not on_gpu and name == "float16":
+        raise ValueError("SOLVER.AMP.PRECISION float16 needs CUDA (a gradient scaler); the model "
+                         "is on CPU (MODEL.DEVICE cpu): use SOLVER.AMP.PRECISION bfloat16 (or '') "
+                         "or SOLVER.AMP.ENABLED False")
+    return _AMP_DTYPES[name]
+
+
+class CPUAutocastTrainer(SimpleTrainer):
+    """SimpleTrainer whose forward (and loss) runs under ``torch.autocast("cpu", dtype)``:
+    mixed-precision training on a CPU, where Detectron2's AMPTrainer requires CUDA.
+    bfloat16 has float32's range, so no gradient scaling is needed; the backward pass and
+    the optimizer step run outside autocast on the float32 parameters."""
+
+    def __init__(self, model, data_loader, optimizer, precision=torch.bfloat16):
+        super().__init__(model, data_loader, optimizer)
+        self.precision = precision
+
+    def run_step(self):
+        assert self.model.training, "[CPUAutocastTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast("cpu", dtype=self.precision):
+            loss_dict = self.model(data)
+        if isinstance(loss_dict, torch.Tensor):
+            loss_dict = {"total_loss": loss_dict}
+        losses = sum(v.float() for v in loss_dict.values())
+        self.optimizer.zero_grad()
+        losses.backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
+
+
+def build_train_loop(cfg, model, data_loader, optimizer, on_gpu):
+    """SimpleTrainer, or with ``SOLVER.AMP.ENABLED`` Detectron2's AMPTrainer on CUDA and
+    :class:`CPUAutocastTrainer` (bfloat16) on CPU."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return SimpleTrainer(model, data_loader, optimizer)
+    precision = amp_precision(cfg, on_gpu)
+    if on_gpu:
+        logger.info("Mixed precision: Detectron2's AMPTrainer, autocast %s on CUDA", precision)
+        return AMPTrainer(model, data_loader, optimizer, precision=precision)
+    logger.info("Mixed precision on CPU: autocast %s (SOLVER.AMP.ENABLED; Detectron2's "
+                "AMPTrainer needs CUDA)", precision)
+    return CPUAutocastTrainer(model, data_loader, optimizer, precision=precision)
+
+
 class Trainer(DefaultTrainer):
     """Detectron2's DefaultTrainer for every d2seg method (see the module docstring)."""
 
@@ -147,15 +205,23 @@ class Trainer(DefaultTrainer):
         model = create_ddp_model(
             model, broadcast_buffers=False, **({} if on_gpu else {"device_ids": None})
         )
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer
-        )
+        self._trainer = build_train_loop(cfg, model, data_loader, optimizer, on_gpu)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg):
+        """Detectron2's build_model, with P6/P7 top blocks that are safe under CPU autocast
+        (see :class:`d2seg.fcos.backbone.P6P7`)."""
+        from ..fcos.backbone import use_safe_top_blocks
+
+        model = super().build_model(cfg)
+        use_safe_top_blocks(model)
+        return model
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -200,13 +200,15 @@ class PointRendMLPPointHead(nn.Module):
             xr = x.view(x.shape[0], R, P).transpose(0, 1)
             out = torch.bmm(w_prev[classes].unsqueeze(1), xr)
             if w_c is not None:
-                cr = coarse.view(coarse.shape[0], R, P).transpose(0, 1)
-                out = out.baddbmm_(w_c[classes].unsqueeze(1), cr)
+                # In-place products are not cast by autocast: give them out's dtype
+                # (a no-op in float32; bfloat16 under torch.autocast).
+                cr = coarse.view(coarse.shape[0], R, P).transpose(0, 1).to(out.dtype)
+                out = out.baddbmm_(w_c[classes].unsqueeze(1).to(out.dtype), cr)
             out = out + b[classes][:, None, None]
             return out.reshape(1, R * P)
         out = torch.addmm(b[:, None], w_prev, x)
         if w_c is not None:
-            out = out.addmm_(w_c, coarse)
+            out = out.addmm_(w_c.to(out.dtype), coarse.to(out.dtype))
         return out
 
 
