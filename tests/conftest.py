@@ -72,6 +72,18 @@ def assert_compiled_matches_eager(fn, args):
         torch.testing.assert_close(a, b)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _builtin_shapes_registrations_restored():
+    """Tests that prepare the tiny shapes sets re-register the built-in names with tiny
+    parameters: put back the built-in registrations after each module, so that no test
+    depends on the order of the modules."""
+    yield
+    if "d2seg" in sys.modules:
+        from d2seg.data.builtin import register_builtin_shapes
+
+        register_builtin_shapes()
+
+
 @pytest.fixture(scope="session")
 def python():
     return sys.executable

@@ -58,16 +58,6 @@ SHAPES_CONFIGS = sorted(
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _builtin_registrations_restored():
-    # the fitting prepares the tiny shapes sets under the built-in names: put back the
-    # built-in registrations for the modules that follow
-    yield
-    from d2seg.data.builtin import register_builtin_shapes
-
-    register_builtin_shapes()
-
-
 def test_every_shapes_config_is_covered():
     assert len(SHAPES_CONFIGS) >= 16, SHAPES_CONFIGS
 

@@ -124,6 +124,14 @@ def test_demo_writes_images_and_names_bad_files(trained, tmp_path):
     assert "cannot read image" in res.stderr and "broken.png" in res.stderr
     out = Image.open(tmp_path / "out" / "a.png")
     assert out.size == (64, 64)
+    # --scale enlarges the picture; a model that draws nothing says so, with its best score
+    res = run_tool([os.path.join(TOOLS, "demo.py"), "--config-file", MASK_RCNN, "--input", str(img),
+                    "--output", str(tmp_path / "big.png"), "--confidence-threshold", "1.01", "--scale", "3",
+                    "--opts"] + tiny_opts(tmp_path / "o") + ["MODEL.WEIGHTS", str(trained / "model_final.pth")])
+    assert Image.open(tmp_path / "big.png").size == (192, 192)
+    log = res.stdout + res.stderr
+    assert "nothing drawn: no instance scored >= --confidence-threshold 1.01" in log, log[-2000:]
+    assert re.search(r"the highest score was 0\.\d{3}|the model returned no instance at all", log)
 
 
 def test_resume_after_kill_continues_from_checkpoint(tmp_path):

@@ -3,11 +3,12 @@
 
     python tools/demo.py --config-file configs/quick/mask_rcnn_shapes.yaml \
         --input img1.jpg dir_of_images/ "more/*.png" --output out_dir/ \
-        --confidence-threshold 0.5 --opts MODEL.WEIGHTS output/.../model_final.pth
+        --confidence-threshold 0.5 --scale 4 --opts MODEL.WEIGHTS output/.../model_final.pth
 
 Runs on the CPU unless MODEL.DEVICE says otherwise (and a GPU is present). A file that is
 not a readable image is reported with a clear message and skipped; the exit status is 1
-if any input failed.
+if any input failed. An image on which nothing scores above the threshold gets a warning
+with the highest score the model gave.
 """
 import argparse
 import glob
@@ -40,6 +41,10 @@ def get_parser():
                    help="a folder (one output per input), or a file name when there is one input")
     p.add_argument("--confidence-threshold", type=float, default=0.5,
                    help="minimum score of the instances drawn")
+    p.add_argument("--register-coco", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_ROOT"),
+                   help="register a COCO-format data set (for its class names: name it in DATASETS.TEST)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="scale of the output picture (e.g. 4 for the 128 px shapes images; default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                    help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS path.pth")
@@ -67,15 +72,19 @@ def output_path(args, path, n_inputs):
     return os.path.join(args.output, stem + ".png")
 
 
-def visualise(image_rgb, predictions, metadata, threshold):
-    vis = Visualizer(image_rgb, metadata, instance_mode=ColorMode.IMAGE)
+def visualise(image_rgb, predictions, metadata, threshold, scale=1.0):
+    """(picture, number of instances drawn or None for a semantic map, highest score seen
+    or None)."""
+    vis = Visualizer(image_rgb, metadata, scale=scale, instance_mode=ColorMode.IMAGE)
     if "instances" in predictions:
         inst = predictions["instances"].to("cpu")
+        best = None
         if inst.has("scores"):
+            best = float(inst.scores.max()) if len(inst) else None
             inst = inst[inst.scores >= threshold]
-        return vis.draw_instance_predictions(inst), len(inst)
+        return vis.draw_instance_predictions(inst), len(inst), best
     if "sem_seg" in predictions:
-        return vis.draw_sem_seg(predictions["sem_seg"].argmax(dim=0).to("cpu")), None
+        return vis.draw_sem_seg(predictions["sem_seg"].argmax(dim=0).to("cpu")), None, None
     raise ValueError(f"the model returned neither 'instances' nor 'sem_seg': {list(predictions)}")
 
 
@@ -83,6 +92,10 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="d2seg")
     logger = setup_logger()
+    from d2seg.data import register_coco_dataset
+
+    for name, json_file, image_root in args.register_coco or []:
+        register_coco_dataset(name, json_file, image_root)
     device = args.device if (args.device == "cpu" or torch.cuda.is_available()) else "cpu"
     cfg = setup_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", device])
     if not cfg.MODEL.WEIGHTS:
@@ -115,11 +128,18 @@ def main(argv=None):
         start = time.perf_counter()
         predictions = predictor(image)
         elapsed = time.perf_counter() - start
-        out, n = visualise(image[:, :, ::-1], predictions, metadata, args.confidence_threshold)
+        out, n, best = visualise(image[:, :, ::-1], predictions, metadata, args.confidence_threshold,
+                                 args.scale)
         dst = output_path(args, path, len(paths))
         out.save(dst)
         what = f"{n} instances" if n is not None else "semantic map"
         logger.info(f"{path}: {what} in {elapsed:.2f}s -> {dst}")
+        if n == 0:
+            seen = ("the model returned no instance at all" if best is None
+                    else f"the highest score was {best:.3f}")
+            logger.warning(f"{path}: nothing drawn: no instance scored >= --confidence-threshold "
+                           f"{args.confidence_threshold:g} ({seen}); the picture shows the input "
+                           "only. Lower the threshold, or train longer.")
     return 1 if failed else 0
 
 

@@ -5,6 +5,9 @@
     python tools/train_net.py --config-file X.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
     python tools/train_net.py --config-file X.yaml --resume          # continue a killed run
     python tools/train_net.py --config-file X.yaml --num-gpus 2      # 2 processes (gloo on CPU)
+    python tools/train_net.py --config-file X.yaml \
+        --register-coco my_train ann/train.json images/train --register-coco my_val ann/val.json images/val \
+        DATASETS.TRAIN "('my_train',)" DATASETS.TEST "('my_val',)"   # your own COCO-format data
 
 On a machine without a GPU, MODEL.DEVICE is set to "cpu" automatically.
 """
@@ -22,7 +25,16 @@ import d2seg  # noqa: F401  (registers every method and the built-in data sets)
 from d2seg.engine import AtomicCheckpointer, Trainer, setup_cfg
 
 
+def register_datasets(args):
+    """--register-coco NAME JSON IMAGE_ROOT (repeatable), in every launched process."""
+    from d2seg.data import register_coco_dataset
+
+    for name, json_file, image_root in args.register_coco or []:
+        register_coco_dataset(name, json_file, image_root)
+
+
 def setup(args):
+    register_datasets(args)  # before the config: class counts follow the training data
     cfg = setup_cfg(args.config_file, args.opts, freeze=False)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
@@ -48,8 +60,16 @@ def main(args):
     return trainer.train()
 
 
+def get_parser():
+    parser = default_argument_parser()
+    parser.add_argument("--register-coco", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_ROOT"),
+                        help="register a COCO-format instances data set under NAME (repeatable); "
+                             "use it in DATASETS.TRAIN / DATASETS.TEST")
+    return parser
+
+
 def invoke_main():
-    args = default_argument_parser().parse_args()
+    args = get_parser().parse_args()
     print("Command Line Args:", args)
     launch(
         main,

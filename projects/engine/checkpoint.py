@@ -121,6 +121,14 @@ class AtomicCheckpointer(DetectionCheckpointer):
             if result.state_dict and len(missing) == len([k for k in target if not k.endswith("num_batches_tracked")]):
                 raise RuntimeError(mismatch_message(missing, unexpected, shapes,
                                                     "the checkpoint (it shares no key with the model)"))
+            if shapes:
+                # e.g. an 80-class COCO checkpoint fine-tuned on 5 classes: Detectron2's loader
+                # skips these; the model keeps their fresh initialisation.
+                self.logger.warning(
+                    f"{len(shapes)} parameter(s) of the checkpoint have another shape than the model's "
+                    "(class-dependent layers when the class count differs): not loaded, kept at the model's "
+                    "initialisation: "
+                    + "; ".join(shapes))
         return super()._load_model(checkpoint)
 
     def save(self, name, **kwargs):

@@ -39,11 +39,13 @@ from .checkpoint import AtomicCheckpointer
 logger = logging.getLogger(__name__)
 
 
-def setup_cfg(config_file=None, opts=(), freeze=True):
+def setup_cfg(config_file=None, opts=(), freeze=True, follow_dataset_classes=True):
     """A d2seg config: Detectron2 defaults + d2seg keys, then the YAML file, then ``opts``.
 
     An unknown key in the file or in ``opts`` raises ``KeyError`` naming the key (and the
-    file), rather than being ignored.
+    file), rather than being ignored. With ``follow_dataset_classes`` the class-count keys
+    left at their defaults follow the training data, and a conflicting one raises
+    ``ValueError`` (:mod:`d2seg.engine.classes`).
     """
     cfg = get_d2seg_cfg()
     if config_file:
@@ -58,6 +60,10 @@ def setup_cfg(config_file=None, opts=(), freeze=True):
             cfg.merge_from_list(list(opts))
         except (KeyError, AssertionError) as e:  # yacs asserts on unknown keys in lists
             raise KeyError(f"command line: unknown config key ({e})") from e
+    if follow_dataset_classes:
+        from .classes import apply_dataset_classes
+
+        apply_dataset_classes(cfg, get_d2seg_cfg())
     if freeze:
         cfg.freeze()
     return cfg

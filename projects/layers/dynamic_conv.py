@@ -13,9 +13,13 @@ float64, float16 and bfloat16 (the half types accumulate in float32 and return t
 dtype) and have an autocast policy (csrc/autocast.cpp; docs/mixed_precision.md):
 
 * :func:`instance_aware_conv` (PointINS): per-instance input templates and weights.
-* :func:`dynamic_mask_head` (CondInst) and :func:`dynamic_kernel_product` (SparseInst /
-  SOLOv2, the one-layer case): a stack of dynamic 1x1 convolutions applied to the mask
-  features of the instance's image, with relative coordinates computed inside the kernel.
+* :func:`dynamic_mask_head` (CondInst): a stack of dynamic 1x1 convolutions applied to the
+  mask features of the instance's image, with relative coordinates computed inside the
+  kernel.
+
+:func:`dynamic_kernel_product` (SparseInst / SOLOv2, the one-layer case without
+coordinates) is not a compiled op: it is plain PyTorch (per-image matmuls), because the
+BLAS already does this product at full speed (docs/ops.md).
 """
 from typing import Optional
 

@@ -4,8 +4,8 @@ mask features.
 Shape shorthand:
     R: instances    E: mask feature channels    N: images    H, W: mask feature size
 
-Uses the compiled ``d2seg.layers.dynamic_kernel_product`` when the package provides it,
-else the PyTorch matrix product below (the same math).
+Uses ``d2seg.layers.dynamic_kernel_product`` (plain PyTorch too: per-image matmuls, see
+docs/ops.md) when the package provides it, else the matrix product below (the same math).
 """
 import torch
 
@@ -39,7 +39,8 @@ def dynamic_kernel_product_torch(kernels, features, im_inds):
 
 
 def dynamic_kernel_product(kernels, features, im_inds):
-    """Dispatch: compiled op if available, else :func:`dynamic_kernel_product_torch`."""
+    """``d2seg.layers.dynamic_kernel_product`` (PyTorch, not a compiled op) if available,
+    else :func:`dynamic_kernel_product_torch`."""
     from d2seg import layers
 
     fn = getattr(layers, "dynamic_kernel_product", None)

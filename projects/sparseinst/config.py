@@ -48,8 +48,8 @@ def add_sparseinst_config(cfg):
     # Norm after each 3x3 conv of both branches ("" = none, as in the paper; "GN" helps
     # from-scratch training). Non-empty values add `.norm` parameters.
     si.DECODER.NORM = ""
-    # Kernel x mask-feature product: "auto" uses the compiled op
-    # d2seg.layers.dynamic_kernel_product when it exists, "torch" always uses bmm.
+    # Kernel x mask-feature product: "auto" uses d2seg.layers.dynamic_kernel_product (plain
+    # PyTorch per-image matmuls, not a compiled op) when it exists, "torch" always uses bmm.
     si.DECODER.KERNEL_PRODUCT = "torch"
     si.DECODER.INST = CN()
     si.DECODER.INST.DIM = 256

@@ -64,8 +64,8 @@ def aggregate_instance_features(iam_prob: torch.Tensor, features: torch.Tensor) 
 def kernel_mask_product(kernels: torch.Tensor, mask_features: torch.Tensor, use_op: bool = False) -> torch.Tensor:
     """m_i = w_i . M for every instance. kernels: (B, N, D); mask_features: (B, D, H, W) -> (B, N, H, W).
 
-    With ``use_op`` (and outside ONNX export) the compiled
-    ``d2seg.layers.dynamic_kernel_product`` is used; otherwise a batched matmul.
+    With ``use_op`` (and outside ONNX export) ``d2seg.layers.dynamic_kernel_product`` (plain
+    PyTorch: per-image matmuls, not a compiled op) is used; otherwise a batched matmul.
     """
     b, n, d = kernels.shape
     h, w = mask_features.shape[-2:]
