@@ -220,3 +220,39 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"ranks differ at {k}")
+
+
+def test_train_net_registers_your_own_coco_data(tmp_path):
+    """--register-coco NAME JSON IMAGE_ROOT: a 3-class COCO file trains with a shapes config
+    once its explicit 5-class key is overridden, and without the override the run stops
+    with the error naming the key and both numbers."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    images, anns = [], []
+    for i in range(4):
+        arr = np.full((64, 64, 3), 30, dtype=np.uint8)
+        x0, y0 = 8 + 4 * i, 10
+        arr[y0:y0 + 24, x0:x0 + 20] = (200, 60 * (i % 3), 90)
+        Image.fromarray(arr).save(tmp_path / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": 64, "width": 64})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": [3, 5, 9][i % 3], "iscrowd": 0,
+                     "bbox": [x0, y0, 20, 24], "area": 480,
+                     "segmentation": [[x0, y0, x0 + 20, y0, x0 + 20, y0 + 24, x0, y0 + 24]]})
+    cats = [{"id": c, "name": n} for c, n in [(3, "red"), (5, "orange"), (9, "pink")]]
+    (tmp_path / "mine.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    fcos = os.path.join(CONFIGS, "FCOS", "fcos_R18_shapes.yaml")
+    base = [os.path.join(TOOLS, "train_net.py"), "--config-file", fcos,
+            "--register-coco", "mine_train", str(tmp_path / "mine.json"), str(tmp_path)]
+    data = ["DATASETS.TRAIN", "('mine_train',)", "DATASETS.TEST", "()"]
+    res = run_tool(base + tiny_opts(tmp_path / "bad", max_iter=2) + data, check=False)
+    assert res.returncode != 0
+    assert "MODEL.FCOS.NUM_CLASSES is 5 in the config, but the training data (mine_train) has 3" in res.stderr
+    res = run_tool(base + tiny_opts(tmp_path / "ok", max_iter=2, SOLVER__CHECKPOINT_PERIOD=1000) + data
+                   + ["MODEL.FCOS.NUM_CLASSES", "3"])
+    assert (tmp_path / "ok" / "model_final.pth").exists()
+    weights = torch.load(tmp_path / "ok" / "model_final.pth", weights_only=True)["model"]
+    cls = [v for k, v in weights.items() if k.endswith("cls_logits.weight")]
+    assert cls and cls[0].shape[0] == 3
