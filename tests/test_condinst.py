@@ -29,6 +29,9 @@ def tiny_cfg(**condinst):
     cfg.MODEL.FPN.OUT_CHANNELS = 64
     cfg.MODEL.CONDINST.MASK_BRANCH.CHANNELS = 32
     cfg.MODEL.CONDINST.MASK_BRANCH.NUM_CONVS = 1
+    # the hand-computed values below assume these ranges (the paper's / 4), not the shapes
+    # config's own
+    cfg.MODEL.FCOS.SIZES_OF_INTEREST = [16, 32, 64, 128]
     for k, v in condinst.items():
         node, key = cfg.MODEL.CONDINST, k
         if "." in k:
