@@ -142,7 +142,15 @@ def test_resume_after_kill_continues_from_checkpoint(tmp_path):
                             start_new_session=True)
     try:
         deadline = time.time() + 300
-        while not (out / "model_0000005.pth").exists():
+
+        def tagged():  # the checkpoint that last_checkpoint names (written after the file)
+            try:
+                m = re.match(r"model_(\d+)\.pth", (out / "last_checkpoint").read_text().strip())
+            except OSError:
+                return -1
+            return int(m.group(1)) if m else -1
+
+        while tagged() < 5:
             assert proc.poll() is None, "training exited early"
             assert time.time() < deadline, "no checkpoint within 300 s"
             time.sleep(0.2)
