@@ -11,6 +11,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from d2seg.layers import dynamic_conv as dc
 from d2seg.layers import extension
@@ -257,3 +258,26 @@ def test_fallback_is_logged_once_with_its_reason(caplog, monkeypatch):
     msgs = [r.getMessage() for r in caplog.records if "point_sample" in r.getMessage()]
     assert len(msgs) == 1 and "align_corners" in msgs[0] and "reference" in msgs[0]
     assert any(op == "point_sample" and "align_corners" in why for op, why in extension.fallbacks())
+
+
+def test_half_precision_fallback_on_cpu_samples_in_float32(monkeypatch):
+    """The pure-PyTorch fallback of point sampling does not run F.grid_sample in half
+    precision on CPU (its backward can segfault in PyTorch 2.14): float32 inside, the
+    input's dtype out, gradients to the half-precision leaf."""
+    monkeypatch.setattr(extension, "_FALLBACKS", set())
+    x = torch.randn(1, 3, 6, 7).bfloat16().requires_grad_()
+    pts = torch.rand(1, 5, 2)
+    seen = []
+    real = F.grid_sample
+
+    def spy(inp, *a, **k):
+        seen.append(inp.dtype)
+        return real(inp, *a, **k)
+
+    monkeypatch.setattr(pf.F, "grid_sample", spy)
+    out = pf.point_sample(x, pts, align_corners=True)  # an option the compiled op lacks
+    assert out.dtype == torch.bfloat16 and seen == [torch.float32]
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and x.grad.abs().sum() > 0
+    expected = F.grid_sample(x.detach().float(), 2 * pts.unsqueeze(2) - 1, align_corners=True).squeeze(3)
+    torch.testing.assert_close(out.float(), expected.bfloat16().float())

@@ -100,6 +100,10 @@ def point_sample(input: torch.Tensor, point_coords: torch.Tensor, **kwargs) -> t
         flat = point_coords.reshape(shape[0], shape[1] * (shape[2] if point_coords.dim() == 4 else 1), 2)
         out = torch.ops.d2seg.sample_points(input, flat, None, None, 1.0)
         return out if point_coords.dim() == 3 else out.reshape(input.shape[:2] + shape[1:3])
+    if input.device.type == "cpu" and input.dtype in _HALF and not autocast_on(input.device):
+        # PyTorch 2.14's CPU grid_sample backward in float16/bfloat16 can crash the process
+        # (docs/ops.md): sample in float32, return the input's dtype
+        return point_sample_reference(input.float(), point_coords.float(), **kwargs).to(input.dtype)
     if input.dtype != point_coords.dtype and not autocast_on(input.device):
         point_coords = point_coords.to(input.dtype)  # grid_sample wants one dtype
     return point_sample_reference(input, point_coords, **kwargs)
@@ -184,6 +188,12 @@ def point_sample_boxes(
             for f, s in zip(features_list, feature_scales)
         ]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    if (features_list and features_list[0].device.type == "cpu" and features_list[0].dtype in _HALF
+            and not autocast_on(features_list[0].device)):
+        # the same grid_sample crash as in point_sample's fallback: float32, then the input's dtype
+        dtype = features_list[0].dtype
+        return point_sample_boxes_reference([f.float() for f in features_list], boxes.float(), batch_index,
+                                            point_coords.float(), feature_scales).to(dtype)
     return point_sample_boxes_reference(features_list, boxes, batch_index, point_coords, feature_scales)
 
 
