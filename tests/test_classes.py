@@ -70,12 +70,7 @@ def _class_keys_to(cfg, n):
     from d2seg.engine.classes import CLASS_KEYS
 
     cfg.defrost()
-    for key, _ in CLASS_KEYS:
-        *path, leaf = key.split(".")
-        node = cfg
-        for part in path:
-            node = getattr(node, part)
-        setattr(node, leaf, n)
+    cfg.merge_from_list([x for key, _ in CLASS_KEYS for x in (key, n)])
     cfg.freeze()
     return cfg
 

@@ -509,7 +509,7 @@ def stage_bench_ops(work, smoke):
     if not out["rows"]:
         problems.append("no rows measured")
     out["slower_than_composite"] = [f"{r['op']} {r['mode']} ({r['dtype']}): {r['speedup']:.2f}x"
-                                    for r in out["rows"] if r["speedup"] < 1.0]
+                                    for r in out["rows"] if r.get("speedup", 1.0) < 1.0]  # rows without one were skipped
     out["status"] = "fail" if problems else "pass"
     out["problems"] = problems
     if problems:

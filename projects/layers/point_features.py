@@ -48,6 +48,13 @@ def _coords_dtype(features_dtype):
     return torch.float32 if features_dtype in _HALF else features_dtype
 
 
+def _half_on_cpu_outside_autocast(t):
+    """Whether the pure-PyTorch fallback must sample ``t`` in float32: PyTorch 2.14's CPU
+    grid_sample backward in float16/bfloat16 can crash the process (docs/ops.md). Under
+    autocast PyTorch runs grid_sample in float32 itself."""
+    return t.device.type == "cpu" and t.dtype in _HALF and not autocast_on(t.device)
+
+
 def point_sample_reference(input, point_coords, **kwargs):
     """The composite: ``F.grid_sample`` on the grid ``2 * point_coords - 1``."""
     add_dim = point_coords.dim() == 3
@@ -100,9 +107,7 @@ def point_sample(input: torch.Tensor, point_coords: torch.Tensor, **kwargs) -> t
         flat = point_coords.reshape(shape[0], shape[1] * (shape[2] if point_coords.dim() == 4 else 1), 2)
         out = torch.ops.d2seg.sample_points(input, flat, None, None, 1.0)
         return out if point_coords.dim() == 3 else out.reshape(input.shape[:2] + shape[1:3])
-    if input.device.type == "cpu" and input.dtype in _HALF and not autocast_on(input.device):
-        # PyTorch 2.14's CPU grid_sample backward in float16/bfloat16 can crash the process
-        # (docs/ops.md): sample in float32, return the input's dtype
+    if _half_on_cpu_outside_autocast(input):  # float32 inside, the input's dtype out
         return point_sample_reference(input.float(), point_coords.float(), **kwargs).to(input.dtype)
     if input.dtype != point_coords.dtype and not autocast_on(input.device):
         point_coords = point_coords.to(input.dtype)  # grid_sample wants one dtype
@@ -188,9 +193,7 @@ def point_sample_boxes(
             for f, s in zip(features_list, feature_scales)
         ]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    if (features_list and features_list[0].device.type == "cpu" and features_list[0].dtype in _HALF
-            and not autocast_on(features_list[0].device)):
-        # the same grid_sample crash as in point_sample's fallback: float32, then the input's dtype
+    if features_list and _half_on_cpu_outside_autocast(features_list[0]):  # float32 inside
         dtype = features_list[0].dtype
         return point_sample_boxes_reference([f.float() for f in features_list], boxes.float(), batch_index,
                                             point_coords.float(), feature_scales).to(dtype)
