@@ -72,6 +72,10 @@ class SparseInst(nn.Module):
         self.mask_rescore = si.MASK_RESCORE
         self.max_detections = si.MAX_DETECTIONS
         self.mask_format = cfg.INPUT.MASK_FORMAT
+        self.target_downsample = si.LOSS.TARGET_DOWNSAMPLE
+        if self.target_downsample not in ("area", "bilinear"):
+            raise ValueError(f"MODEL.SPARSE_INST.LOSS.TARGET_DOWNSAMPLE must be 'area' or 'bilinear', "
+                             f"got {self.target_downsample!r}")
         if len(cfg.MODEL.PIXEL_MEAN) != len(cfg.MODEL.PIXEL_STD):
             raise ValueError("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD differ in length")
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
@@ -106,7 +110,8 @@ class SparseInst(nn.Module):
     # ------------------------------------------------------------------ targets
     def prepare_targets(self, instances: List[Instances], padded_size, mask_size):
         """Per image: classes (K,) and masks (K, Hm, Wm) in [0, 1]: the bitmasks padded to the
-        batch's padded size and area-downsampled to the mask output size.
+        batch's padded size and downsampled to the mask output size (``LOSS.TARGET_DOWNSAMPLE``:
+        area averaging, or bilinear as hustvl/SparseInst).
         """
         hp, wp = int(padded_size[0]), int(padded_size[1])
         classes, masks = [], []
@@ -130,7 +135,11 @@ class SparseInst(nn.Module):
             padded = bm.new_zeros(bm.shape[0], hp, wp)
             padded[:, : bm.shape[1], : bm.shape[2]] = bm
             if bm.shape[0]:
-                padded = F.interpolate(padded[:, None], size=tuple(mask_size), mode="area")[:, 0]
+                if self.target_downsample == "area":
+                    padded = F.interpolate(padded[:, None], size=tuple(mask_size), mode="area")[:, 0]
+                else:
+                    padded = F.interpolate(padded[:, None], size=tuple(mask_size), mode="bilinear",
+                                           align_corners=False)[:, 0]
             else:
                 padded = padded.new_zeros(0, *mask_size)
             classes.append(cls)

@@ -1,0 +1,146 @@
+"""Fixture builder for hustvl/SparseInst (see tools/reference_fixtures.py).
+
+Builds hustvl's SparseInst from its own ``configs/sparse_inst_r50_giam.yaml`` (R-50,
+instance context encoder, Group-IAM decoder) narrowed by :data:`NARROW`, with random
+weights from the seed (the objectness and class biases raised so that some predictions pass
+the 0.005 threshold), and records on the fixture images: the decoder's outputs (eval
+mode), the final results, and the training losses (train mode, same weights, same batch).
+Nothing of the reference is stubbed or patched.
+"""
+from typing import Dict
+
+import torch
+
+from reference_fixtures import on_path, seed_all, synthetic_images, to_detectron2_inputs, instances_to_dict
+
+REFERENCES = {"sparseinst": "hustvl/SparseInst R-50 G-IAM (configs/sparse_inst_r50_giam.yaml)"}
+
+# The same keys narrow both sides: (key, value) pairs valid for hustvl's and d2seg's configs.
+NARROW = [
+    ("MODEL.RESNETS.STEM_OUT_CHANNELS", 16),
+    ("MODEL.RESNETS.RES2_OUT_CHANNELS", 16),
+    ("MODEL.RESNETS.WIDTH_PER_GROUP", 4),
+    ("MODEL.SPARSE_INST.ENCODER.NUM_CHANNELS", 32),
+    ("MODEL.SPARSE_INST.DECODER.INST.DIM", 24),
+    ("MODEL.SPARSE_INST.DECODER.MASK.DIM", 24),
+    ("MODEL.SPARSE_INST.DECODER.KERNEL_DIM", 16),
+    ("MODEL.SPARSE_INST.DECODER.NUM_MASKS", 12),
+]
+
+
+CLASS_BIAS = 1.0  # added to the focal prior bias (-4.6): some scores pass 0.005, not all
+OBJECTNESS_BIAS = 0.0
+
+
+def _opts():
+    out = []
+    for k, v in NARROW:
+        out += [k, v]
+    return out
+
+
+def _stub_timm():
+    """hustvl's package imports timm for backbones the R-50 config does not use (ResNet-vd,
+    PVT, CSPNet); when timm is absent, a stub module whose names are placeholder classes."""
+    import importlib.util
+    import sys
+    import types
+
+    if importlib.util.find_spec("timm") is not None:
+        return False
+
+    class _Unused:
+        def __init__(self, *a, **k):
+            raise RuntimeError("timm stub: this backbone needs timm")
+
+    def stub(name):
+        m = types.ModuleType(name)
+        def getattr_(attr):
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            return _Unused
+        m.__getattr__ = getattr_
+        return m
+
+    for name in ("timm", "timm.models", "timm.models.layers", "timm.models.resnet"):
+        sys.modules.setdefault(name, stub(name))
+    return True
+
+
+def build_fixture(name: str, checkout: str, seed: int) -> Dict:
+    stubbed = _stub_timm()
+    with on_path(checkout):
+        from detectron2.config import get_cfg
+        from sparseinst import add_sparse_inst_config
+
+        cfg = get_cfg()
+        add_sparse_inst_config(cfg)
+        cfg.merge_from_file(f"{checkout}/configs/sparse_inst_r50_giam.yaml")
+        cfg.merge_from_list(_opts())
+        cfg.MODEL.DEVICE = "cpu"
+        cfg.MODEL.WEIGHTS = ""
+        from detectron2.modeling import build_model
+
+        seed_all(seed)
+        model = build_model(cfg)
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            # random (not zero) weights everywhere the init left constants, and biases that make
+            # predictions confident enough to pass the thresholds
+            for k, p in model.named_parameters():
+                if k.endswith(".bias") and p.abs().sum() == 0:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            for k, b in model.named_buffers():
+                # FrozenBN statistics and affine: keep activations of order 1 through the ResNet
+                if k.endswith("running_var"):
+                    b.copy_(torch.rand(b.shape, generator=g) * 0.5 + 0.75)
+                elif k.endswith("running_mean"):
+                    b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+                elif k.startswith("backbone") and k.endswith(".weight"):
+                    b.copy_(torch.rand(b.shape, generator=g) * 0.3 + 0.2)
+                elif k.startswith("backbone") and k.endswith(".bias"):
+                    b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+            # the prediction layers start near zero (std 0.01): every instance would be the same
+            ib = model.decoder.inst_branch
+            for layer, gain in ((ib.iam_conv, 3.0), (ib.cls_score, 2.0), (ib.mask_kernel, 6.0),
+                                (ib.objectness, 2.0)):
+                fan_in = layer.weight[0].numel()
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * gain / fan_in ** 0.5)
+            ib.mask_kernel.bias.copy_(torch.randn(ib.mask_kernel.bias.shape, generator=g))
+            model.decoder.inst_branch.cls_score.bias.add_(CLASS_BIAS)
+            model.decoder.inst_branch.objectness.bias.add_(OBJECTNESS_BIAS)
+
+        inputs = synthetic_images(seed, num_classes=cfg.MODEL.SPARSE_INST.DECODER.NUM_CLASSES)
+        # images are RGB (INPUT.FORMAT "RGB"); synthetic_images' channel order is arbitrary
+
+        head = {}
+
+        def hook(_m, _i, out):
+            head.update({k: v.detach().clone() for k, v in out.items() if torch.is_tensor(v)})
+
+        h = model.decoder.register_forward_hook(hook)
+        model.eval()
+        with torch.no_grad():
+            results = model(to_detectron2_inputs(inputs))
+        h.remove()
+        results = [instances_to_dict(r["instances"]) for r in results]
+
+        model.train()
+        losses = model(to_detectron2_inputs(inputs))
+        losses = {k: v.detach() for k, v in losses.items()}
+
+    return {
+        "repo": "hustvl/SparseInst",
+        "reference_config": "configs/sparse_inst_r50_giam.yaml",
+        "d2seg_config": "configs/SparseInst/sparse_inst_r50_giam.yaml",
+        "d2seg_opts": _opts(),
+        "seed": seed,
+        "notes": ("timm stubbed (only imported by unused backbones); " if stubbed else "")
+                 + "nothing patched; random init from the seed, zero biases and FrozenBN "
+                 "statistics randomised, class and objectness biases +2 so that predictions pass "
+                 "the score threshold",
+        "weights": {k: v for k, v in model.state_dict().items()},
+        "inputs": inputs,
+        "outputs": {"head": head, "results": results},
+        "losses": losses,
+    }
