@@ -38,6 +38,9 @@ def add_fcos_config(cfg):
     _C.MODEL.FCOS.LOSS_ALPHA = 0.25
     _C.MODEL.FCOS.LOSS_GAMMA = 2.0
     _C.MODEL.FCOS.LOC_LOSS_TYPE = "giou"  # "giou" or "iou" (-log IoU, original FCOS)
+    # Smoothing of the IoU in the box loss: IoU = (inter + s) / (union + s). 0 is the exact
+    # IoU; AdelaiDet adds 1 (its published configs set 1.0, see docs/fcos.md "Parity").
+    _C.MODEL.FCOS.LOC_LOSS_IOU_SMOOTH = 0.0
     # Inference.
     _C.MODEL.FCOS.INFERENCE_TH_TRAIN = 0.05
     _C.MODEL.FCOS.INFERENCE_TH_TEST = 0.05
@@ -45,6 +48,9 @@ def add_fcos_config(cfg):
     _C.MODEL.FCOS.PRE_NMS_TOPK_TEST = 1000
     _C.MODEL.FCOS.POST_NMS_TOPK_TRAIN = 100
     _C.MODEL.FCOS.NMS_TH = 0.6
+    # Clip the candidate boxes to the image before NMS (True) or only the final detections
+    # after NMS (False, AdelaiDet's order; its published configs set False).
+    _C.MODEL.FCOS.CLIP_BEFORE_NMS = True
     # Threshold on cls x centerness instead of cls alone.
     _C.MODEL.FCOS.THRESH_WITH_CTR = False
     # Extension points for methods built on FCOS (see docs/fcos.md).

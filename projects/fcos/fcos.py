@@ -119,6 +119,8 @@ class FCOS(nn.Module):
         focal_loss_alpha: float = 0.25,
         focal_loss_gamma: float = 2.0,
         loc_loss_type: str = "giou",
+        loc_loss_iou_smooth: float = 0.0,
+        clip_before_nms: bool = True,
         score_thresh_train: float = 0.05,
         score_thresh_test: float = 0.05,
         pre_nms_topk_train: int = 1000,
@@ -152,7 +154,9 @@ class FCOS(nn.Module):
         self.size_ranges = size_ranges_from_sizes_of_interest(sizes_of_interest, len(strides))
         self.num_classes = num_classes
         self.center_sampling_radius = center_sampling_radius
-        self.loss = FCOSLoss(num_classes, focal_loss_alpha, focal_loss_gamma, loc_loss_type)
+        self.loss = FCOSLoss(num_classes, focal_loss_alpha, focal_loss_gamma, loc_loss_type,
+                             loc_loss_iou_smooth)
+        self.clip_before_nms = clip_before_nms
         self.score_thresh_train = score_thresh_train
         self.score_thresh_test = score_thresh_test
         self.pre_nms_topk_train = pre_nms_topk_train
@@ -204,6 +208,8 @@ class FCOS(nn.Module):
             "focal_loss_alpha": f.LOSS_ALPHA,
             "focal_loss_gamma": f.LOSS_GAMMA,
             "loc_loss_type": f.LOC_LOSS_TYPE,
+            "loc_loss_iou_smooth": f.LOC_LOSS_IOU_SMOOTH,
+            "clip_before_nms": f.CLIP_BEFORE_NMS,
             "score_thresh_train": f.INFERENCE_TH_TRAIN,
             "score_thresh_test": f.INFERENCE_TH_TEST,
             "pre_nms_topk_train": f.PRE_NMS_TOPK_TRAIN,
@@ -319,6 +325,7 @@ class FCOS(nn.Module):
                         self.post_nms_topk_train if training else self.max_detections_per_image
                     ),
                     thresh_with_ctr=self.thresh_with_ctr,
+                    clip_before_nms=self.clip_before_nms,
                     extras=extras,
                 )
             )

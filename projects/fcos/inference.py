@@ -39,6 +39,7 @@ def fcos_inference_single_image(
     nms_thresh: float,
     max_detections: int,
     thresh_with_ctr: bool = False,
+    clip_before_nms: bool = True,
     extras: Optional[Dict[str, List[Tensor]]] = None,
 ) -> Instances:
     """Detections of one image.
@@ -49,7 +50,8 @@ def fcos_inference_single_image(
         ctrness: L tensors (Ml,) centerness logits.
         locations: L tensors (Ml, 2) (x, y).
         strides: L strides.
-        image_size: (h, w) of the (unpadded) input image; boxes are clipped to it.
+        image_size: (h, w) of the (unpadded) input image; boxes are clipped to it (before NMS
+            when ``clip_before_nms``, else the kept ones after NMS, as AdelaiDet does).
         extras: optional name -> L tensors (Ml, D) gathered at the kept locations
             (e.g. ``top_feats``) and stored in the result under the same name.
     Returns:
@@ -84,13 +86,16 @@ def fcos_inference_single_image(
         offset += logits[lvl].shape[0]
 
     boxes = Boxes(torch.cat(boxes_all))
-    boxes.clip(image_size)
+    if clip_before_nms:
+        boxes.clip(image_size)
     scores = torch.sqrt(torch.cat(scores_all))
     classes = torch.cat(classes_all)
     keep = batched_nms(boxes.tensor, scores, classes, nms_thresh)[:max_detections]
 
     result = Instances(image_size)
     result.pred_boxes = boxes[keep]
+    if not clip_before_nms:
+        result.pred_boxes.clip(image_size)
     result.scores = scores[keep]
     result.pred_classes = classes[keep]
     result.locations = torch.cat(locs_all)[keep]

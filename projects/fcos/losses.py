@@ -31,7 +31,8 @@ def reduce_mean(value: Tensor) -> float:
     return float(value.item())
 
 
-def iou_loss_ltrb(pred: Tensor, target: Tensor, loss_type: str = "giou", eps: float = 1e-7) -> Tensor:
+def iou_loss_ltrb(pred: Tensor, target: Tensor, loss_type: str = "giou", eps: float = 1e-7,
+                  smooth: float = 0.0) -> Tensor:
     """IoU-based loss between boxes given as distances from a common location.
 
     Both boxes contain the location (distances >= 0), so their intersection is
@@ -40,6 +41,8 @@ def iou_loss_ltrb(pred: Tensor, target: Tensor, loss_type: str = "giou", eps: fl
     Args:
         pred, target: (P, 4) (l, t, r, b), >= 0, in the same units.
         loss_type: "giou" (1 - GIoU) or "iou" (-log IoU).
+        smooth: IoU = (inter + smooth) / (union + smooth) (``MODEL.FCOS.LOC_LOSS_IOU_SMOOTH``;
+            AdelaiDet uses 1); the GIoU penalty term is unchanged.
     Returns:
         (P,) loss per pair.
     """
@@ -51,7 +54,10 @@ def iou_loss_ltrb(pred: Tensor, target: Tensor, loss_type: str = "giou", eps: fl
         torch.minimum(pt, tt) + torch.minimum(pb, tb)
     )
     union = area_p + area_t - inter
-    iou = inter / union.clamp(min=eps)
+    if smooth:
+        iou = (inter + smooth) / (union + smooth).clamp(min=eps)
+    else:
+        iou = inter / union.clamp(min=eps)
     if loss_type == "iou":
         return -torch.log(iou.clamp(min=eps))
     if loss_type == "giou":
@@ -66,7 +72,8 @@ def iou_loss_ltrb(pred: Tensor, target: Tensor, loss_type: str = "giou", eps: fl
 class FCOSLoss(nn.Module):
     """The three FCOS losses from flattened predictions and assigned targets."""
 
-    def __init__(self, num_classes: int, focal_alpha=0.25, focal_gamma=2.0, loc_loss_type="giou"):
+    def __init__(self, num_classes: int, focal_alpha=0.25, focal_gamma=2.0, loc_loss_type="giou",
+                 iou_smooth: float = 0.0):
         super().__init__()
         if loc_loss_type not in ("giou", "iou"):
             raise ValueError(
@@ -76,6 +83,7 @@ class FCOSLoss(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.loc_loss_type = loc_loss_type
+        self.iou_smooth = float(iou_smooth)
 
     def forward(
         self,
@@ -121,7 +129,8 @@ class FCOSLoss(nn.Module):
             zero = reg_pred.sum() * 0.0 + ctrness_pred.sum() * 0.0
             return {"loss_fcos_cls": loss_cls, "loss_fcos_loc": zero, "loss_fcos_ctr": zero}
 
-        loss_loc = (iou_loss_ltrb(reg_pred_pos, reg_targets_pos, self.loc_loss_type) * ctr_t).sum()
+        loss_loc = (iou_loss_ltrb(reg_pred_pos, reg_targets_pos, self.loc_loss_type,
+                                  smooth=self.iou_smooth) * ctr_t).sum()
         loss_loc = loss_loc / ctr_norm
         loss_ctr = F.binary_cross_entropy_with_logits(ctr_pred_pos, ctr_t, reduction="sum") / num_pos
         return {"loss_fcos_cls": loss_cls, "loss_fcos_loc": loss_loc, "loss_fcos_ctr": loss_ctr}
