@@ -77,7 +77,8 @@ Fixture dict (torch.save'd; tensors on CPU, float32 unless said; keep it < 1.5 M
         "results": list per image of
             {"scores": [D], "pred_classes": int64 [D], "pred_boxes": [D, 4],
              "pred_masks": bool [D, h, w]}   (instances, at the input's height/width)
-            or {"sem_seg": [C, H, W] logits}  (semantic)
+            or {"sem_seg_argmax": uint8 [H, W], "sem_seg_margin": [H, W] largest minus second
+                logits per pixel}  (semantic: full logits would be too big)
     },
     "losses": {term name: 0-dim tensor}  training losses on the batch "inputs", reference
         names (the test maps them to d2seg's),

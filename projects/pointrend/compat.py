@@ -14,8 +14,8 @@ upstream PointRend config into ours.
 """
 import re
 
-__all__ = ["UPSTREAM_TO_D2SEG_KEYS", "UPSTREAM_TO_D2SEG_NAMES", "convert_upstream_state_dict",
-           "config_from_upstream"]
+__all__ = ["UPSTREAM_TO_D2SEG_KEYS", "UPSTREAM_SEMANTIC_KEYS", "UPSTREAM_TO_D2SEG_NAMES",
+           "convert_upstream_state_dict", "config_from_upstream"]
 
 # upstream config key -> d2seg config key
 UPSTREAM_TO_D2SEG_KEYS = {
@@ -35,6 +35,14 @@ UPSTREAM_TO_D2SEG_KEYS = {
     "MODEL.POINT_HEAD.CLS_AGNOSTIC_MASK": "MODEL.POINTREND.POINT_HEAD.CLS_AGNOSTIC_MASK",
     "MODEL.POINT_HEAD.COARSE_PRED_EACH_LAYER": "MODEL.POINTREND.POINT_HEAD.COARSE_PRED_EACH_LAYER",
     "MODEL.POINT_HEAD.COARSE_SEM_SEG_HEAD_NAME": "MODEL.POINTREND.SEM_SEG.COARSE_HEAD_NAME",
+}
+
+# upstream config key -> d2seg config key, for semantic segmentation (SEM_SEG_HEAD.NAME
+# "PointRendSemSegHead"), in addition to the keys above
+UPSTREAM_SEMANTIC_KEYS = {
+    "MODEL.POINT_HEAD.TRAIN_NUM_POINTS": "MODEL.POINTREND.SEM_SEG.TRAIN_NUM_POINTS",
+    "MODEL.POINT_HEAD.SUBDIVISION_STEPS": "MODEL.POINTREND.SEM_SEG.SUBDIVISION_STEPS",
+    "MODEL.POINT_HEAD.SUBDIVISION_NUM_POINTS": "MODEL.POINTREND.SEM_SEG.SUBDIVISION_NUM_POINTS",
 }
 
 # upstream registry name -> d2seg registry name
@@ -120,6 +128,13 @@ def config_from_upstream(upstream_cfg, d2seg_cfg=None):
     for (key, up_name), our_name in UPSTREAM_TO_D2SEG_NAMES.items():
         if get(upstream_cfg, key) == up_name:
             put(cfg, key.replace("MODEL.POINT_HEAD.", "MODEL.POINTREND.POINT_HEAD."), our_name)
+    if get(upstream_cfg, "MODEL.SEM_SEG_HEAD.NAME") == "PointRendSemSegHead":
+        # upstream's semantic head reads the same MODEL.POINT_HEAD point counts as its instance
+        # head; ours has its own keys for them
+        for up_key, our_key in UPSTREAM_SEMANTIC_KEYS.items():
+            value = get(upstream_cfg, up_key)
+            if value is not None:
+                put(cfg, our_key, value)
     if get(upstream_cfg, "MODEL.ROI_HEADS.NAME") == "PointRendROIHeads":
         cfg.MODEL.ROI_MASK_HEAD.NAME = "D2SegPointRendMaskHead"
     return cfg

@@ -43,6 +43,11 @@ def add_d2seg_pointrend_config(cfg):
     pr.IMPORTANCE_SAMPLE_RATIO = 0.75
     # Train the mask head on the box head's regressed boxes (cascade-style training).
     pr.CASCADE_TRAINING = False
+    # With cascade training (CASCADE_TRAINING or ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES): clip the
+    # regressed training boxes to the image (True, d2seg's default: no points are drawn
+    # outside the image) or keep them as regressed (False, as Detectron2's PointRend; the
+    # published COCO/Cityscapes configs set False so that the reference's recipe reproduces).
+    pr.CLIP_TRAIN_BOXES = True
 
     # Inference: adaptive subdivision, 7x7 -> 7 * 2**STEPS, N points per step.
     pr.SUBDIVISION_STEPS = 5

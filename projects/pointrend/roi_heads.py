@@ -3,11 +3,12 @@ feature maps (PointRend pools its own P2 features) and an optional cascade-style
 (paper, section 4: "training as a cascade ... sampling points inside more accurate boxes").
 
 With POINTREND.CASCADE_TRAINING the mask head is trained on the box head's regressed boxes
-(for each positive proposal, its ground-truth class's box, clipped to the image, without
-gradient) instead of on the proposals, as at inference where it sees the detections.
+(for each positive proposal, its ground-truth class's box, without gradient; clipped to the
+image when POINTREND.CLIP_TRAIN_BOXES, the key's default -- Detectron2 does not clip) instead of on the proposals, as at inference where it sees the detections.
 """
 import logging
 
+from detectron2.config import configurable
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads import build_mask_head
 
@@ -26,6 +27,17 @@ class D2SegPointRendROIHeads(StandardROIHeads):
         )
         return ret
 
+    @configurable
+    def __init__(self, *, clip_train_boxes: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.clip_train_boxes = clip_train_boxes
+
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape):
+        ret = super()._init_box_head(cfg, input_shape)
+        ret["clip_train_boxes"] = bool(cfg.MODEL.POINTREND.CLIP_TRAIN_BOXES)
+        return ret
+
     @classmethod
     def _init_mask_head(cls, cfg, input_shape):
         if not cfg.MODEL.MASK_ON:
@@ -39,7 +51,7 @@ class D2SegPointRendROIHeads(StandardROIHeads):
 
     def _forward_box(self, features, proposals):
         out = super()._forward_box(features, proposals)
-        if self.training and self.train_on_pred_boxes:
+        if self.training and self.train_on_pred_boxes and self.clip_train_boxes:
             # Regressed boxes may leave the image or collapse; keep them inside.
             for p in proposals:
                 p.proposal_boxes.clip(p.image_size)
