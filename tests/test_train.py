@@ -37,7 +37,7 @@ def test_unknown_config_key_names_key_and_file(tmp_path):
         setup_cfg(str(tmp_path / "missing.yaml"))
     cfg = setup_cfg(MASK_RCNN)
     assert cfg.MODEL.RESNETS.DEPTH == 18 and cfg.MODEL.RESNETS.NORM == "GN"
-    assert cfg.SOLVER.MAX_ITER == 300 and cfg.SOLVER.IMS_PER_BATCH == 4
+    assert cfg.SOLVER.MAX_ITER == 2000 and cfg.SOLVER.STEPS == (1600, 1850) and cfg.SOLVER.IMS_PER_BATCH == 4
 
 
 def test_optimizers_from_config():
