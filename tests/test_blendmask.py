@@ -121,7 +121,7 @@ def test_adelaidet_key_mapping_loads_strictly():
 
 @pytest.mark.parametrize(
     "name,attn",
-    [("R_50_1x", 7), ("R_50_3x", 7), ("R_101_1x", 7), ("R_101_3x", 7), ("550_R_50_1x", 14), ("550_R_50_3x", 14),
+    [("R_50_1x", 14), ("R_50_3x", 14), ("R_101_1x", 14), ("R_101_3x", 14), ("550_R_50_1x", 14), ("550_R_50_3x", 14),
      ("blendmask_R18_shapes", 7)],
 )
 def test_configs_merge_and_build_the_head(name, attn):

@@ -109,7 +109,7 @@ def adelaidet_fcos_head(cfg, prefix="proposal_generator.fcos_head"):
 
 def adelaidet_condinst(cfg):
     """AdelaiDet CondInst: FCOS + top-level controller and mask_branch; mask_head holds only
-    the _iter buffer."""
+    buffers: _iter and sizes_of_interest (in every released checkpoint)."""
     keys = adelaidet_fcos_backbone(cfg)
     keys.update(adelaidet_fcos_head(cfg))
     ci = cfg.MODEL.CONDINST
@@ -129,6 +129,7 @@ def adelaidet_condinst(cfg):
     biases = [ch] * (n - 1) + [1]
     keys.conv("controller", sum(weights) + sum(biases), c, 3)
     keys["mask_head._iter"] = (1,)
+    keys["mask_head.sizes_of_interest"] = (len(cfg.MODEL.FCOS.SIZES_OF_INTEREST) + 1,)
     return keys
 
 
@@ -256,24 +257,25 @@ def test_adelaidet_fcos():
 def test_adelaidet_condinst(config):
     cfg = cfg_of(config)
     r = check_lands(adelaidet_condinst(cfg), cfg, "adelaidet-condinst",
-                    {"pixel_mean", "pixel_std", "mask_head._iter"}, source="adelaidet")
+                    {"pixel_mean", "pixel_std", "mask_head._iter", "mask_head.sizes_of_interest"},
+                    source="adelaidet")
     assert r.mapped["controller.weight"] == "mask_head.controller.weight"
     assert r.mapped["mask_branch.tower.4.bias"] == "mask_head.mask_branch.tower.4.bias"
 
 
 def test_adelaidet_blendmask():
-    cfg = cfg_of("BlendMask/R_50_1x.yaml", "MODEL.BLENDMASK.ATTN_SIZE", "14")
+    cfg = cfg_of("BlendMask/R_50_1x.yaml")
     r = check_lands(adelaidet_blendmask(cfg), cfg, "adelaidet-blendmask", {"pixel_mean", "pixel_std"},
                     source="adelaidet")
     assert r.mapped["top_layer.weight"] == "mask_head.top_layer.weight"
     assert r.state_dict["mask_head.top_layer.weight"].shape[0] == 4 * 14 * 14
 
 
-def test_adelaidet_blendmask_with_default_attn_size_is_reported():
-    """Our BlendMask configs use M = 7; AdelaiDet's checkpoints M = 14: the shape mismatch
-    must be named, not silently loaded."""
-    src_cfg = cfg_of("BlendMask/R_50_1x.yaml", "MODEL.BLENDMASK.ATTN_SIZE", "14")
-    model_sd = build_model(cfg_of("BlendMask/R_50_1x.yaml")).state_dict()
+def test_adelaidet_blendmask_with_another_attn_size_is_reported():
+    """AdelaiDet's checkpoints have M = 14 (as our COCO configs); a model with M = 7: the
+    shape mismatch must be named, not silently loaded."""
+    src_cfg = cfg_of("BlendMask/R_50_1x.yaml")
+    model_sd = build_model(cfg_of("BlendMask/R_50_1x.yaml", "MODEL.BLENDMASK.ATTN_SIZE", "7")).state_dict()
     r = convert_state_dict(adelaidet_blendmask(src_cfg).tensors(), target_keys=model_sd.keys())
     missing, unexpected, shapes = compare_with_model(r.state_dict, model_sd)
     assert not missing and not unexpected
@@ -411,6 +413,7 @@ def adelaidet_condinst_file(tmp_path_factory):
         k = k.replace("mask_head.controller.", "controller.").replace("mask_head.mask_branch.", "mask_branch.")
         src[k] = torch.randn_like(v) if v.is_floating_point() else v
     src["mask_head._iter"] = torch.zeros(1)
+    src["mask_head.sizes_of_interest"] = torch.tensor([32.0, 64, 128, 256, 512])
     src["pixel_mean"] = torch.zeros(3, 1, 1)
     path = tmp_path_factory.mktemp("cli") / "condinst_adelaidet.pth"
     torch.save({"model": src, "iteration": 10}, path)
@@ -425,6 +428,7 @@ def test_cli_converts(adelaidet_condinst_file, tmp_path):
     assert "converter: adelaidet-condinst" in p.stderr
     assert "controller.weight -> mask_head.controller.weight" in p.stderr
     assert "dropped mask_head._iter" in p.stderr
+    assert "dropped mask_head.sizes_of_interest" in p.stderr
     ckpt = torch.load(out, weights_only=True)
     assert set(ckpt) >= {"model", "__author__"} and "adelaidet-condinst" in ckpt["__author__"]
     model = build_model(cfg)

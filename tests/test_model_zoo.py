@@ -49,7 +49,7 @@ def test_unknown_config_is_a_clear_error():
 def test_trained_config_points_at_the_zoo():
     cfg = get_config("BlendMask/R_50_1x.yaml", trained=True)
     assert cfg.MODEL.WEIGHTS == "d2seg://adelaidet/BlendMask_R_50_1x"
-    assert cfg.MODEL.BLENDMASK.ATTN_SIZE == 14  # the entry's override
+    assert cfg.MODEL.BLENDMASK.ATTN_SIZE == 14  # the config holds the checkpoint's attention size
     with pytest.raises(RuntimeError, match="no trained checkpoint"):
         get_config("configs/Base-Shapes.yaml", trained=True)
 

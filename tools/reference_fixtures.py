@@ -16,6 +16,7 @@ Families (one module each next to this file, imported only when asked for):
     sparseinst                       tools/reference_sparseinst.py   hustvl/SparseInst
     pointrend-instance, -semantic    tools/reference_pointrend.py    Detectron2 projects/PointRend
     adelaidet-*                      tools/reference_adelaidet.py    aim-uofa/AdelaiDet
+    condinst, blendmask              tools/reference_condinst_blendmask.py   aim-uofa/AdelaiDet
 
 The interface a family module implements, and the layout of a fixture, are in
 :data:`FIXTURE_LAYOUT` below (and ``--list`` prints the available references).
@@ -39,6 +40,8 @@ FAMILIES = {
     "sparseinst": "reference_sparseinst",
     "pointrend": "reference_pointrend",
     "adelaidet": "reference_adelaidet",
+    "condinst": "reference_condinst_blendmask",
+    "blendmask": "reference_condinst_blendmask",
 }
 
 FIXTURE_LAYOUT = """

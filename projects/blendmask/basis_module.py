@@ -10,6 +10,7 @@ Parameter names follow AdelaiDet's ``ProtoNet`` (``refine.{i}``, ``tower.{i}``,
 """
 from typing import Dict, List, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -17,7 +18,26 @@ from detectron2.layers import ShapeSpec, get_norm
 
 from d2seg.condinst.mask_branch import conv_norm_relu
 
-__all__ = ["BasisModule"]
+__all__ = ["BasisModule", "painted_semantic_targets"]
+
+
+def painted_semantic_targets(bitmasks: List[Tensor], classes: List[Tensor], stride: int) -> Tensor:
+    """(N, Hs, Ws) AdelaiDet's basis labels: each image's instances painted in order (class
+    + 1, later ones on top, 0 elsewhere) and read at the top-left pixel of every
+    ``stride`` x ``stride`` cell (nearest-neighbour downsampling).
+
+    Args:
+        bitmasks: N tensors (G, H, W) at the padded input size.
+        classes: N tensors (G,).
+    """
+    out = []
+    for masks, cls in zip(bitmasks, classes):
+        m = masks[:, ::stride, ::stride].bool()
+        t = torch.zeros(m.shape[-2:], dtype=torch.long, device=masks.device)
+        for g in range(m.shape[0]):
+            t[m[g]] = cls[g].long() + 1
+        out.append(t)
+    return torch.stack(out)
 
 
 class BasisModule(nn.Module):

@@ -21,16 +21,23 @@ from torch import Tensor, nn
 
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
+from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList, Instances
 
 from d2seg.condinst.condinst import gt_bitmasks_padded
 from d2seg.condinst.mask_branch import semantic_targets
 from d2seg.fcos import ONE_STAGE_MASK_HEAD_REGISTRY, OneStageMaskHead
+from d2seg.fcos.fcos import flatten_levels
+from d2seg.fcos.inference import decode_ltrb
 
-from .basis_module import BasisModule
+from .basis_module import BasisModule, painted_semantic_targets
 from .blender import blend, crop_bases
 
 __all__ = ["BlendMaskHead"]
+
+
+# MODEL.BASIS_MODULE.SEM_TARGETS -> (bitmasks, classes, stride) -> (N, Hs, Ws) labels
+SEM_TARGETS = {"smallest_at_centers": semantic_targets, "last_at_corners": painted_semantic_targets}
 
 
 @ONE_STAGE_MASK_HEAD_REGISTRY.register()
@@ -51,8 +58,17 @@ class BlendMaskHead(OneStageMaskHead):
         sampling_ratio: int = 1,
         top_interp: str = "bilinear",
         instance_loss_weight: float = 1.0,
+        mask_threshold: float = 0.5,
+        crop_unclipped_boxes: bool = False,
+        sem_targets: str = "smallest_at_centers",
     ):
         super().__init__()
+        if sem_targets not in SEM_TARGETS:
+            raise ValueError(f"MODEL.BASIS_MODULE.SEM_TARGETS must be one of {sorted(SEM_TARGETS)}, "
+                             f"got {sem_targets!r}")
+        self.mask_threshold = mask_threshold
+        self.crop_unclipped_boxes = crop_unclipped_boxes
+        self.sem_targets = sem_targets
         self.basis_module = basis_module
         self.num_bases, self.attn_size = num_bases, attn_size
         self.bottom_resolution, self.pooler_scale = bottom_resolution, pooler_scale
@@ -107,6 +123,9 @@ class BlendMaskHead(OneStageMaskHead):
             "sampling_ratio": bm.POOLER_SAMPLING_RATIO,
             "top_interp": bm.TOP_INTERP,
             "instance_loss_weight": bm.INSTANCE_LOSS_WEIGHT,
+            "mask_threshold": bm.MASK_THRESHOLD,
+            "crop_unclipped_boxes": bm.CROP_UNCLIPPED_BOXES,
+            "sem_targets": bs.SEM_TARGETS,
         }
 
     def mask_logits(self, bases: Tensor, boxes: Tensor, im_inds: Tensor, attns: Tensor) -> Tensor:
@@ -119,7 +138,8 @@ class BlendMaskHead(OneStageMaskHead):
         if self.basis_module.loss_on:
             padded = tuple(images.tensor.shape[-2:])
             bitmasks = [gt_bitmasks_padded(g, padded) for g in gt_instances]
-            sem = semantic_targets(bitmasks, [g.gt_classes for g in gt_instances], self.basis_module.in_stride)
+            sem = SEM_TARGETS[self.sem_targets](bitmasks, [g.gt_classes for g in gt_instances],
+                                                self.basis_module.in_stride)
         bases, losses = self.basis_module(features, sem)
         pos = fcos_outputs.positives
         if len(pos) == 0:
@@ -153,10 +173,26 @@ class BlendMaskHead(OneStageMaskHead):
             for d in detections:
                 d.pred_masks = bases.new_zeros((0, 1, S, S))
             return detections
-        boxes = torch.cat([d.pred_boxes.tensor for d in detections])
+        if self.crop_unclipped_boxes:
+            boxes = torch.cat([self._unclipped_boxes(fcos_outputs, i, d) for i, d in enumerate(detections)])
+        else:
+            boxes = torch.cat([d.pred_boxes.tensor for d in detections])
         attns = torch.cat([d.top_feats for d in detections])
         im_inds = torch.cat([torch.full((n,), i, dtype=torch.long, device=bases.device) for i, n in enumerate(num)])
         probs = self.mask_logits(bases, boxes, im_inds, attns).sigmoid()[:, None]
         for d, p in zip(detections, probs.split(num)):
             d.pred_masks = p
         return detections
+
+    @staticmethod
+    def _unclipped_boxes(fcos_outputs, image: int, det: Instances) -> Tensor:
+        """(R, 4) the boxes of ``det`` (detections of image ``image``) as FCOS regressed them,
+        before clipping: decoded again from the regression at their locations."""
+        reg = flatten_levels(fcos_outputs.bbox_reg)[image, det.loc_inds]  # (R, 4), / stride
+        strides = torch.tensor(fcos_outputs.strides, dtype=reg.dtype, device=reg.device)[det.fpn_levels]
+        return decode_ltrb(det.locations, reg * strides[:, None])
+
+    def postprocess(self, result: Instances, output_height: int, output_width: int) -> Instances:
+        """Detectron2's ``detector_postprocess``: boxes rescaled and clipped, the (R, 1, S, S)
+        box masks pasted into them and thresholded at ``MASK_THRESHOLD``."""
+        return detector_postprocess(result, output_height, output_width, mask_threshold=self.mask_threshold)

@@ -27,8 +27,14 @@ def add_blendmask_config(cfg):
     bm.POOLER_SCALES = (0.25,)
     # Weight of the blended-mask loss.
     bm.INSTANCE_LOSS_WEIGHT = 1.0
-    # Inference: foreground threshold on the pasted mask probabilities.
+    # Inference: foreground threshold on the pasted mask probabilities (Detectron2's
+    # paste_masks_in_image).
     bm.MASK_THRESHOLD = 0.5
+    # Inference: crop the bases with each detection's box as regressed, before it is clipped
+    # to the image (AdelaiDet; published configs: True), instead of the clipped box. The
+    # mask is pasted into the clipped box either way, so with True the part of a box that
+    # leaves the image squeezes the mask of the part inside.
+    bm.CROP_UNCLIPPED_BOXES = False
 
     # The bottom module: K bases at 1/4 from FPN features fused at IN_FEATURES[0]'s stride,
     # NUM_CONVS 3x3 convs, x2 upsampling, one more 3x3 conv, a 1x1 conv to NUM_BASES.
@@ -48,4 +54,10 @@ def add_blendmask_config(cfg):
     bs.NUM_CLASSES = 80
     bs.COMMON_STRIDE = 8
     bs.LOSS_WEIGHT = 0.3
+    # Semantic targets of that loss, from the instance masks, at stride COMMON_STRIDE:
+    #   "smallest_at_centers": class of the smallest instance covering each cell's centre pixel;
+    #   "last_at_corners": AdelaiDet's labels (datasets/prepare_thing_sem_from_instance.py:
+    #       instances painted in annotation order, later ones on top) read at each cell's
+    #       top-left pixel (its nearest-neighbour downsampling). Published configs.
+    bs.SEM_TARGETS = "smallest_at_centers"
     return cfg

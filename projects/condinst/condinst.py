@@ -26,9 +26,10 @@ from detectron2.structures.masks import polygons_to_bitmask
 from d2seg.fcos import ONE_STAGE_MASK_HEAD_REGISTRY, OneStageMaskHead
 from d2seg.layers import dynamic_mask_head, dynamic_mask_head_num_params
 
-from .mask_branch import MaskBranch, aligned_upsample, semantic_targets
+from .mask_branch import UPSAMPLING, MaskBranch, semantic_targets, upsample
 
-__all__ = ["CondInstMaskHead", "dice_loss", "gt_bitmasks_padded", "sizes_of_interest_per_level"]
+__all__ = ["CondInstMaskHead", "dice_loss", "gt_bitmasks_padded", "mask_centers_of_mass",
+           "sizes_of_interest_per_level"]
 
 
 def dice_loss(probs: Tensor, targets: Tensor, eps: float = 1e-5) -> Tensor:
@@ -58,6 +59,20 @@ def gt_bitmasks_padded(instances: Instances, padded_hw) -> Tensor:
     return F.pad(m, (0, Wp - m.shape[-1], 0, Hp - m.shape[-2]))
 
 
+def mask_centers_of_mass(masks: Tensor) -> Tensor:
+    """(G, 2) (x, y) mean pixel index of each of the (G, H, W) 0/1 masks (pixel (i, j) counts
+    at (j, i), AdelaiDet's convention); an empty mask gives (0, 0)."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, 2))
+    m = masks.float()
+    area = m.sum(dim=(1, 2)).clamp(min=1e-6)
+    xs = torch.arange(m.shape[2], dtype=m.dtype, device=m.device)
+    ys = torch.arange(m.shape[1], dtype=m.dtype, device=m.device)
+    cx = (m * xs).sum(dim=(1, 2)) / area
+    cy = (m * ys[:, None]).sum(dim=(1, 2)) / area
+    return torch.stack([cx, cy], dim=1)
+
+
 def sizes_of_interest_per_level(fcos_sizes_of_interest: List[int]) -> List[float]:
     """Per-level scale of the relative coordinates: FCOS's size bounds plus twice the last
     (AdelaiDet's convention; [64, 128, 256, 512] -> [64, 128, 256, 512, 1024])."""
@@ -84,6 +99,8 @@ class CondInstMaskHead(OneStageMaskHead):
         max_proposals: int = -1,
         topk_proposals_per_im: int = -1,
         mask_threshold: float = 0.5,
+        upsampling: str = "centers",
+        mask_center_sampling: bool = False,
     ):
         """
         Args:
@@ -95,6 +112,10 @@ class CondInstMaskHead(OneStageMaskHead):
             mask_out_stride: stride of the output masks (<= the mask branch's stride).
             max_proposals, topk_proposals_per_im: training subsample of positives (-1: all).
             mask_threshold: foreground threshold on probabilities at inference.
+            upsampling: "centers" or "adelaidet" (``MODEL.CONDINST.UPSAMPLING``), for the
+                dynamic head's output and the inference masks (the mask branch has its own).
+            mask_center_sampling: give FCOS the masks' centres of mass for central sampling
+                (``gt_centers``, see :meth:`prepare_targets`).
         """
         super().__init__()
         self.mask_branch = mask_branch
@@ -118,6 +139,10 @@ class CondInstMaskHead(OneStageMaskHead):
         self.mask_out_stride = mask_out_stride
         self.max_proposals, self.topk_proposals_per_im = max_proposals, topk_proposals_per_im
         self.mask_threshold = mask_threshold
+        if upsampling not in UPSAMPLING:
+            raise ValueError(f"MODEL.CONDINST.UPSAMPLING must be one of {sorted(UPSAMPLING)}, got {upsampling!r}")
+        self.upsampling = upsampling
+        self.mask_center_sampling = mask_center_sampling
 
     # The controller is the module FCOS runs on its box tower; keep its AdelaiDet name.
     @property
@@ -145,6 +170,7 @@ class CondInstMaskHead(OneStageMaskHead):
             prior_prob=cfg.MODEL.FCOS.PRIOR_PROB,
             focal_alpha=cfg.MODEL.FCOS.LOSS_ALPHA,
             focal_gamma=cfg.MODEL.FCOS.LOSS_GAMMA,
+            upsampling=ci.UPSAMPLING,
         )
         return {
             "mask_branch": branch,
@@ -157,6 +183,8 @@ class CondInstMaskHead(OneStageMaskHead):
             "max_proposals": ci.MAX_PROPOSALS,
             "topk_proposals_per_im": ci.TOPK_PROPOSALS_PER_IM,
             "mask_threshold": ci.MASK_THRESHOLD,
+            "upsampling": ci.UPSAMPLING,
+            "mask_center_sampling": ci.MASK_CENTER_SAMPLING,
         }
 
     # ------------------------------------------------------------------------------------
@@ -173,21 +201,37 @@ class CondInstMaskHead(OneStageMaskHead):
             mask_feats, im_inds, params, channels=self.channels, num_layers=self.num_layers,
             instance_locations=locs, mask_feat_stride=self.mask_feat_stride, scales=scales,
         )
-        return aligned_upsample(logits, self.mask_feat_stride // self.mask_out_stride)
+        return upsample(logits, self.mask_feat_stride // self.mask_out_stride, self.upsampling)
 
     def _sample_positives(self, pos: Instances, num_images: int) -> Instances:
         if self.topk_proposals_per_im > 0 and len(pos):
+            # AdelaiDet's split: the image's quota shared by its objects with positives.
             keep = []
             score = pos.logits_pred.sigmoid().max(dim=1).values * pos.ctrness_pred.sigmoid()
             for i in range(num_images):
-                idx = (pos.im_inds == i).nonzero().flatten()
-                if idx.numel() > self.topk_proposals_per_im:
-                    idx = idx[score[idx].topk(self.topk_proposals_per_im).indices]
-                keep.append(idx)
+                in_image = pos.im_inds == i
+                gt_inds = pos.gt_inds[in_image].unique()
+                if len(gt_inds) == 0:
+                    continue
+                k = max(int(self.topk_proposals_per_im / len(gt_inds)), 1)
+                for g in gt_inds:
+                    idx = (in_image & (pos.gt_inds == g)).nonzero().flatten()
+                    if idx.numel() > k:
+                        idx = idx[score[idx].topk(k).indices]
+                    keep.append(idx)
             pos = pos[torch.cat(keep).sort().values]
         if 0 < self.max_proposals < len(pos):
             pos = pos[torch.randperm(len(pos), device=pos.im_inds.device)[: self.max_proposals]]
         return pos
+
+    def prepare_targets(self, images: ImageList, gt_instances: List[Instances]) -> None:
+        """Before FCOS assigns its targets: with ``mask_center_sampling``, set each image's
+        ``gt_centers`` (G, 2) to its masks' centres of mass (:func:`mask_centers_of_mass`)."""
+        if not self.mask_center_sampling:
+            return
+        padded = tuple(images.tensor.shape[-2:])
+        for inst in gt_instances:
+            inst.gt_centers = mask_centers_of_mass(gt_bitmasks_padded(inst, padded))
 
     def losses(self, images: ImageList, features, fcos_outputs, gt_instances: List[Instances]):
         padded = tuple(images.tensor.shape[-2:])
@@ -225,7 +269,7 @@ class CondInstMaskHead(OneStageMaskHead):
             dets.set(name, torch.cat([d.get(name) for d in detections]))
         im_inds = torch.cat([torch.full((n,), i, dtype=torch.long, device=mask_feats.device) for i, n in enumerate(num)])
         probs = self.mask_logits(mask_feats, dets, im_inds).sigmoid()  # (R, 1, Ho, Wo)
-        probs = aligned_upsample(probs, self.mask_out_stride)[:, :, :Hp, :Wp]  # (R, 1, Hp, Wp)
+        probs = upsample(probs, self.mask_out_stride, self.upsampling)[:, :, :Hp, :Wp]  # (R, 1, Hp, Wp)
         for d, p, (h, w) in zip(detections, probs.split(num), images.image_sizes):
             d.pred_global_masks = p[:, :, :h, :w]
         return detections

@@ -21,11 +21,26 @@ def add_condinst_config(cfg):
     # Training: at most this many positive locations (random subsample) get a mask loss;
     # -1 keeps all (the paper's COCO configs use 500).
     ci.MAX_PROPOSALS = -1
-    # Training: at most this many positives per image, highest predicted score first; -1
-    # keeps all. Applied before MAX_PROPOSALS.
+    # Training: at most about this many positives per image, as AdelaiDet splits it: each
+    # ground-truth object of the image with positives keeps its max(1, int(TOPK / #objects))
+    # positives of highest predicted score (cls x centerness); -1 keeps all. Applied before
+    # MAX_PROPOSALS (AdelaiDet accepts only one of the two).
     ci.TOPK_PROPOSALS_PER_IM = -1
     # Inference: a mask pixel is foreground when its probability exceeds this.
     ci.MASK_THRESHOLD = 0.5
+    # Upsampling of the mask branch's coarser inputs (P4, P5 -> P3), of the dynamic head's
+    # output (-> MASK_OUT_STRIDE) and of the inference masks (-> input):
+    #   "centers":   bilinear with pixel centres aligned (F.interpolate, align_corners=False);
+    #                the grid of the FCOS locations and of the mask targets (j*s + s//2).
+    #   "adelaidet": AdelaiDet's aligned_bilinear (output pixel i reads the input at
+    #                (i - factor//2) / factor, clamped): a shift of up to half an input pixel
+    #                towards the top-left. Its checkpoints expect it (published configs).
+    ci.UPSAMPLING = "centers"
+    # Central sampling (MODEL.FCOS.CENTER_SAMPLE) around each mask's centre of mass instead
+    # of its box centre, as AdelaiDet's CondInst does (published configs: True). The centre
+    # is the mean pixel index of the mask at the padded input resolution (AdelaiDet's
+    # convention: pixel j counts at j, not at its centre j + 0.5).
+    ci.MASK_CENTER_SAMPLING = False
 
     # The dynamic mask head: NUM_LAYERS 1x1 convs of CHANNELS channels whose weights are
     # predicted per instance by the controller (3 layers, 8 channels -> 169 parameters).

@@ -19,7 +19,7 @@ from torchvision.ops import sigmoid_focal_loss
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.structures import Instances
 
-__all__ = ["aligned_upsample", "conv_norm_relu", "MaskBranch", "semantic_targets"]
+__all__ = ["aligned_upsample", "conv_norm_relu", "MaskBranch", "semantic_targets", "top_left_upsample", "upsample"]
 
 
 def aligned_upsample(x: Tensor, factor: int) -> Tensor:
@@ -38,6 +38,41 @@ def aligned_upsample(x: Tensor, factor: int) -> Tensor:
     if N * C * H * W == 0:
         return x.new_zeros((N, C, H * factor, W * factor))
     return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+
+
+def top_left_upsample(x: Tensor, factor: int) -> Tensor:
+    """AdelaiDet's ``aligned_bilinear`` convention: (N, C, H, W) -> (N, C, factor*H,
+    factor*W) where output pixel i reads the input bilinearly at max(i - factor//2, 0) / factor
+    (input index units), the last row/column repeated beyond the border. Compared with
+    :func:`aligned_upsample` the result sits up to half an input pixel towards the top-left;
+    AdelaiDet's CondInst checkpoints were trained with it (``MODEL.CONDINST.UPSAMPLING``)."""
+    if factor < 1 or int(factor) != factor:
+        raise ValueError(f"top_left_upsample: factor must be a positive integer, got {factor}")
+    factor = int(factor)
+    if factor == 1:
+        return x
+    N, C, H, W = x.shape
+    if N * C * H * W == 0:
+        return x.new_zeros((N, C, H * factor, W * factor))
+    # Sampling positions i / factor on a grid one pixel larger (the repeated border): an
+    # align_corners=True resize to factor*H + 1 rows hits exactly those positions.
+    y = F.interpolate(F.pad(x, (0, 1, 0, 1), mode="replicate"), size=(factor * H + 1, factor * W + 1),
+                      mode="bilinear", align_corners=True)
+    s = factor // 2
+    y = F.pad(y, (s, 0, s, 0), mode="replicate")
+    return y[:, :, : factor * H, : factor * W]
+
+
+UPSAMPLING = {"centers": aligned_upsample, "adelaidet": top_left_upsample}
+
+
+def upsample(x: Tensor, factor: int, mode: str = "centers") -> Tensor:
+    """Upsample by an integer ``factor`` with the convention ``mode`` of
+    ``MODEL.CONDINST.UPSAMPLING``: "centers" (:func:`aligned_upsample`) or "adelaidet"
+    (:func:`top_left_upsample`)."""
+    if mode not in UPSAMPLING:
+        raise ValueError(f"MODEL.CONDINST.UPSAMPLING must be one of {sorted(UPSAMPLING)}, got {mode!r}")
+    return UPSAMPLING[mode](x, factor)
 
 
 def conv_norm_relu(in_channels: int, out_channels: int, norm: str, kernel_size: int = 3) -> nn.Sequential:
@@ -79,8 +114,9 @@ def semantic_targets(bitmasks: List[Tensor], classes: List[Tensor], stride: int)
 
 
 class MaskBranch(nn.Module):
-    """Fuse ``in_features`` (each refined by a 3x3 conv, aligned-upsampled to the first
-    one's size, summed), run a tower of 3x3 convs and a 1x1 conv to ``out_channels``.
+    """Fuse ``in_features`` (each refined by a 3x3 conv, upsampled to the first one's size
+    with the ``upsampling`` convention, summed), run a tower of 3x3 convs and a 1x1 conv to
+    ``out_channels``.
 
     Inputs: features {name: (N, C, Hl, Wl)}. Output: (N, F, Hs, Ws) mask features and a
     dict with ``loss_sem`` when the semantic loss is on and targets are given.
@@ -100,8 +136,12 @@ class MaskBranch(nn.Module):
         prior_prob: float = 0.01,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        upsampling: str = "centers",
     ):
         super().__init__()
+        if upsampling not in UPSAMPLING:
+            raise ValueError(f"MODEL.CONDINST.UPSAMPLING must be one of {sorted(UPSAMPLING)}, got {upsampling!r}")
+        self.upsampling = upsampling
         missing = [f for f in in_features if f not in input_shape]
         if missing:
             raise ValueError(
@@ -145,7 +185,7 @@ class MaskBranch(nn.Module):
                     f"{self.in_features[0]} {tuple(x.shape[-2:])}; pad the input to a multiple of the "
                     "largest stride (backbone size_divisibility)."
                 )
-            x = x + aligned_upsample(y, fh)
+            x = x + upsample(y, fh, self.upsampling)
         mask_feats = self.tower(x)
         if self.out_channels == 0:
             mask_feats = mask_feats[:, :0]

@@ -9,6 +9,8 @@ Shape shorthand in this module:
 Extension points (see docs/fcos.md):
   1. A mask head, registered in :data:`ONE_STAGE_MASK_HEAD_REGISTRY` and selected with
      ``MODEL.ONE_STAGE_MASK_HEAD.NAME``, subclassing :class:`OneStageMaskHead`:
+       * ``prepare_targets(images, gt_instances)`` (optional) runs in training before FCOS
+         assigns its targets, e.g. to set ``gt_centers`` for central sampling;
        * ``top_module`` (optional nn.Module, (N, C, Hl, Wl) -> (N, D, Hl, Wl)) runs on the
          box tower of every level; its output arrives per positive location
          (``fcos_outputs.positives.top_feats``) and per detection (``top_feats``);
@@ -60,6 +62,10 @@ class OneStageMaskHead(nn.Module):
     def __init__(self):
         super().__init__()
         self.top_module: Optional[nn.Module] = None
+
+    def prepare_targets(self, images: ImageList, gt_instances: List[Instances]) -> None:
+        """Training, before FCOS assigns targets: add fields to ``gt_instances`` in place
+        (e.g. ``gt_centers``, read by FCOS's central sampling). Default: nothing."""
 
     def losses(
         self,
@@ -168,6 +174,8 @@ class OneStageDetector(nn.Module):
             if any("instances" not in x for x in batched_inputs):
                 raise ValueError("OneStageDetector training needs 'instances' in every input dict.")
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            if self.mask_head is not None:
+                self.mask_head.prepare_targets(images, gt_instances)
             outputs = self.proposal_generator(images, features, gt_instances, top_module=top_module)
             losses = dict(outputs.losses)
             losses.update(self.forward_mask(images, features, outputs, gt_instances))
