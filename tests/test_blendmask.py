@@ -166,3 +166,39 @@ def test_blended_mask_loss_decreases_when_fitting_attentions():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_painted_semantic_targets_last_instance_on_top_read_at_cell_corners():
+    """MODEL.BASIS_MODULE.SEM_TARGETS "last_at_corners" (AdelaiDet's basis labels): instances
+    painted in order, later on top, read at each cell's top-left pixel."""
+    from d2seg.blendmask.basis_module import painted_semantic_targets
+
+    m = torch.zeros(2, 8, 8)
+    m[0] = 1  # class 3, everywhere
+    m[1, 0:4, 4:8] = 1  # class 1, painted later: wins at (0, 4)
+    m_small = m.clone()
+    m_small[1, 1:4, 4:8] = 0  # only row 0 of the second: still read at the corner (0, 4)
+    t = painted_semantic_targets([m, m_small], [torch.tensor([3, 1])] * 2, stride=4)
+    assert t.tolist() == [[[4, 2], [4, 4]], [[4, 2], [4, 4]]]
+    none = painted_semantic_targets([torch.zeros(0, 8, 8)], [torch.zeros(0, dtype=torch.long)], 4)
+    assert none.tolist() == [[[0, 0], [0, 0]]]
+
+
+def test_unclipped_boxes_are_decoded_from_the_regression():
+    """MODEL.BLENDMASK.CROP_UNCLIPPED_BOXES: the box before clipping, from the detection's
+    location, level and regressed distances."""
+    from types import SimpleNamespace
+
+    from detectron2.structures import Instances
+
+    reg = [torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 1, 1)]
+    reg[0][0, :, 1, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0])  # level 0, location index 2
+    reg[1][0, :, 0, 0] = torch.tensor([2.0, 1.0, 0.5, 3.0])  # level 1, location index 4
+    out = SimpleNamespace(bbox_reg=reg, strides=[8, 16])
+    det = Instances((16, 16))
+    det.loc_inds = torch.tensor([2, 4])
+    det.fpn_levels = torch.tensor([0, 1])
+    det.locations = torch.tensor([[4.0, 12.0], [8.0, 8.0]])
+    boxes = BlendMaskHead._unclipped_boxes(out, 0, det)
+    torch.testing.assert_close(boxes, torch.tensor([[4.0 - 8, 12.0 - 16, 4.0 + 24, 12.0 + 32],
+                                                    [8.0 - 32, 8.0 - 16, 8.0 + 8, 8.0 + 48]]))

@@ -142,6 +142,50 @@ def test_aligned_upsample_keeps_pixel_centres():
     torch.testing.assert_close(up4, (torch.arange(20) * 2 + 1.0).clamp(4, 36))
 
 
+def test_top_left_upsample_is_adelaidets_convention():
+    """MODEL.CONDINST.UPSAMPLING "adelaidet": output pixel i reads the input at
+    max(i - factor//2, 0) / factor, the last pixel repeated: [a, b] x2 -> [a, a, (a+b)/2, b];
+    x4 -> positions 0, 0, 0, 1/4, 1/2, 3/4, 1, 5/4 (clamped to 1)."""
+    from d2seg.condinst.mask_branch import top_left_upsample, upsample
+
+    x = torch.tensor([2.0, 6.0]).view(1, 1, 1, 2).expand(1, 1, 2, 2)
+    torch.testing.assert_close(top_left_upsample(x, 2)[0, 0, 0], torch.tensor([2.0, 2.0, 4.0, 6.0]))
+    torch.testing.assert_close(top_left_upsample(x, 4)[0, 0, 0],
+                               torch.tensor([2.0, 2.0, 2.0, 3.0, 4.0, 5.0, 6.0, 6.0]))
+    y = x.transpose(2, 3)  # the same along rows
+    torch.testing.assert_close(top_left_upsample(y, 2)[0, 0, :, 0], torch.tensor([2.0, 2.0, 4.0, 6.0]))
+    assert torch.equal(upsample(x, 2, "centers"), aligned_upsample(x, 2))
+    with pytest.raises(ValueError, match="UPSAMPLING"):
+        upsample(x, 2, "nearest")
+
+
+def test_topk_proposals_per_image_split_over_objects():
+    """AdelaiDet's TOPK_PROPOSALS_PER_IM: per image, each object with positives keeps its
+    max(1, int(k / #objects)) best positives by cls x centerness."""
+    h = head(TOPK_PROPOSALS_PER_IM=4)
+    pos = Instances((64, 64))
+    pos.im_inds = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])
+    pos.gt_inds = torch.tensor([0, 0, 0, 1, 1, 0, 0, 0])
+    pos.logits_pred = torch.tensor([[0.0], [3.0], [1.0], [-1.0], [2.0], [0.0], [1.0], [2.0]])
+    pos.ctrness_pred = torch.zeros(8)
+    kept = h._sample_positives(pos, 2)
+    # image 0: 2 objects -> 2 each (object 0: rows 1, 2; object 1: both); image 1: 1 object -> 4
+    assert sorted(kept.logits_pred[:, 0].tolist()) == sorted([3.0, 1.0, -1.0, 2.0, 0.0, 1.0, 2.0])
+    h = head(TOPK_PROPOSALS_PER_IM=2)
+    kept = h._sample_positives(pos, 2)
+    assert sorted(kept.logits_pred[:, 0].tolist()) == sorted([3.0, 2.0, 2.0, 1.0])
+
+
+def test_mask_centers_of_mass_use_pixel_indices():
+    from d2seg.condinst import mask_centers_of_mass
+
+    m = torch.zeros(2, 6, 8)
+    m[0, 1:3, 2:6] = 1  # columns 2..5, rows 1..2
+    m[1, 5, 7] = 1
+    torch.testing.assert_close(mask_centers_of_mass(m), torch.tensor([[3.5, 1.5], [7.0, 5.0]]))
+    assert mask_centers_of_mass(torch.zeros(0, 6, 8)).shape == (0, 2)
+
+
 def test_dice_loss_hand_computation():
     p = torch.tensor([[0.5, 1.0, 0.0, 0.25]])
     t = torch.tensor([[1.0, 1.0, 0.0, 0.0]])

@@ -19,7 +19,11 @@ controller's output at the detections of the batch in order, ``mask_logits`` (R,
 the dynamic head's output for them. BlendMask: ``bases`` (N, 4, H/4, W/4), ``mask_logits`` (R, 56, 56)
 the blended logits of the detections of the batch in order. ``train_extra`` (CondInst): ``num_pos`` (positives of the shipped config),
 ``topk`` / ``losses_topk`` (losses with MAX_PROPOSALS -1 and TOPK_PROPOSALS_PER_IM topk: the
-selection is deterministic, so no randomness needs controlling).
+selection is deterministic, so no randomness needs controlling), ``sem_config``,
+``sem_weights`` / ``losses_sem`` (the "w/ sem." configs: the semantic head's weights and the
+losses with it); ``max_sampled``, ``sampled`` (im_inds, fpn_levels, locations of the
+positives AdelaiDet's random subsample kept) and ``losses_sampled`` (MAX_PROPOSALS
+max_sampled). The shipped MAX_PROPOSALS (500) samples nothing on the fixture.
 """
 import os
 import sys
@@ -60,14 +64,16 @@ def make_cfg(fx, opts=()):
     return cfg
 
 
-def build_d2seg(fx, opts=()):
-    """d2seg's model from the shipped config and the fixture's width overrides (``opts``:
-    only for the tests that switch a convention or a training option on purpose), with the
-    reference's weights converted and loaded strictly."""
-    cfg = make_cfg(fx, opts)
+def build_d2seg(fx, opts=(), config=None, extra_weights=None):
+    """d2seg's model from the shipped config (``config``, default the fixture's) and the
+    fixture's width overrides (``opts``: only for the tests that switch a convention or a
+    training option on purpose), with the reference's weights (plus ``extra_weights``)
+    converted and loaded strictly."""
+    cfg = make_cfg(dict(fx, d2seg_config=config or fx["d2seg_config"]), opts)
     torch.manual_seed(0)
     model = build_model(cfg)
-    weights = {k: (v.float() if v.is_floating_point() else v) for k, v in fx["weights"].items()}
+    weights = dict(fx["weights"], **(extra_weights or {}))
+    weights = {k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()}
     result = convert_state_dict(weights, source="adelaidet", target_keys=model.state_dict().keys())
     model.load_state_dict(result.state_dict, strict=True)
     return model
@@ -235,6 +241,46 @@ def test_condinst_topk_proposals_per_image_losses(condinst):
     losses = run_train(model, fx)
     assert_same_losses(losses, fx["train_extra"]["losses_topk"])
     assert abs(losses["loss_mask"].item() - fx["losses"]["loss_mask"].item()) > 1e-3  # the quota bites
+
+
+def test_condinst_max_proposals_subsample_losses(condinst, monkeypatch):
+    """MAX_PROPOSALS below the number of positives: a random subset gets the mask loss. With
+    the randomness controlled (d2seg's permutation puts the positives AdelaiDet kept first),
+    the losses are equal."""
+    fx, _ = condinst
+    extra = fx["train_extra"]
+    k, kept = extra["max_sampled"], extra["sampled"]
+    model = build_d2seg(fx, ["MODEL.CONDINST.MAX_PROPOSALS", k])
+    seen = {}
+    h = model.proposal_generator.register_forward_hook(lambda m, a, out: seen.update(pos=out.positives))
+    randperm = torch.randperm
+
+    def controlled(n, **kw):
+        pos = seen["pos"]
+        assert n == len(pos) > k
+        ident = torch.cat([pos.im_inds[:, None].float(), pos.fpn_levels[:, None].float(), pos.locations], 1)
+        want = torch.cat([kept["im_inds"][:, None].float(), kept["fpn_levels"][:, None].float(),
+                          kept["locations"]], 1)
+        first = [int((ident == w).all(1).nonzero()[0, 0]) for w in want]
+        rest = [i for i in randperm(n).tolist() if i not in first]
+        return torch.tensor(first + rest, **kw)
+
+    monkeypatch.setattr(torch, "randperm", controlled)
+    losses = run_train(model, fx)
+    h.remove()
+    assert_same_losses(losses, extra["losses_sampled"])
+    assert abs(losses["loss_mask"].item() - fx["losses"]["loss_mask"].item()) > 1e-3  # a real subset
+
+
+def test_condinst_semantic_loss_configs(condinst):
+    """The "w/ sem." configs (AdelaiDet's MS_R_50_3x_sem, d2seg's R_50_3x_sem): the same
+    weights plus the semantic head; every loss, loss_sem included, equal."""
+    fx, _ = condinst
+    extra = fx["train_extra"]
+    model = build_d2seg(fx, config=extra["sem_config"], extra_weights=extra["sem_weights"])
+    losses = run_train(model, fx)
+    assert "loss_sem" in extra["losses_sem"]
+    assert_same_losses(losses, extra["losses_sem"])
 
 
 def test_condinst_fixture_sees_the_conventions(condinst):

@@ -42,11 +42,13 @@ FIXTURE_FILE = {"condinst": "adelaidet_condinst.pt", "blendmask": "adelaidet_ble
 
 REFERENCE_CONFIG = {
     "condinst": "configs/CondInst/MS_R_50_1x.yaml",
+    "condinst-sem": "configs/CondInst/MS_R_50_3x_sem.yaml",
     "blendmask": "configs/BlendMask/R_50_1x.yaml",
 }
 
 D2SEG_CONFIG = {
     "condinst": "configs/CondInst/R_50_1x.yaml",
+    "condinst-sem": "configs/CondInst/R_50_3x_sem.yaml",
     "blendmask": "configs/BlendMask/R_50_1x.yaml",
 }
 
@@ -66,6 +68,8 @@ CLASS_BIAS = {"condinst": -2.62, "blendmask": -2.67}
 TOP_WEIGHT_STD = {"condinst": 0.03, "blendmask": 0.05}
 # BlendMask: the 1x1 conv to the bases scaled up (bases of a few units: masks vary in a box)
 BASES_WEIGHT, BASES_GAIN = "basis_module.tower.5.weight", 10.0
+# CondInst training with MAX_PROPOSALS below the number of positives (a random subset)
+MAX_SAMPLED = 16
 # CondInst training with TOPK_PROPOSALS_PER_IM instead of MAX_PROPOSALS (AdelaiDet allows only
 # one of the two): the per-ground-truth split of this quota.
 TOPK = 8
@@ -117,7 +121,7 @@ def _build(name: str, checkout: str, seed: int, extra_opts=()):
 
     cfg = get_cfg()
     cfg.merge_from_file(f"{checkout}/{REFERENCE_CONFIG[name]}")
-    cfg.merge_from_list(_opts(name))
+    cfg.merge_from_list(_opts(name.split("-")[0]))
     cfg.merge_from_list(list(extra_opts))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
@@ -216,6 +220,29 @@ def _condinst_fixture(name: str, checkout: str, seed: int) -> Dict:
                                                   "MODEL.CONDINST.TOPK_PROPOSALS_PER_IM", TOPK])
     losses_topk = _train_losses(topk_model, state, inputs)
 
+    # MAX_PROPOSALS sampling (random): record which positives AdelaiDet kept.
+    _, sampled_model = _build(name, checkout, seed, ["MODEL.CONDINST.MAX_PROPOSALS", MAX_SAMPLED])
+    kept = {}
+    orig_fwd = sampled_model.mask_head.mask_heads_forward_with_coords
+
+    def record(mask_feats, mask_feat_stride, instances):
+        kept["im_inds"] = instances.im_inds.clone()
+        kept["fpn_levels"] = instances.fpn_levels.clone()
+        kept["locations"] = instances.locations.clone()
+        return orig_fwd(mask_feats, mask_feat_stride, instances)
+
+    sampled_model.mask_head.mask_heads_forward_with_coords = record
+    torch.manual_seed(seed)
+    losses_sampled = _train_losses(sampled_model, state, inputs)
+
+    # The "w/ sem." configs: the same weights plus the auxiliary semantic head (random).
+    _, sem_model = _build("condinst-sem", checkout, seed)
+    _randomise(sem_model, name, seed + 10)
+    sem_state = _state(sem_model)
+    sem_state.update(state)
+    sem_extra = {k: v for k, v in sem_state.items() if k not in state}
+    losses_sem = _train_losses(sem_model, sem_state, inputs)
+
     return {
         "repo": "aim-uofa/AdelaiDet",
         "reference_config": REFERENCE_CONFIG[name],
@@ -228,12 +255,20 @@ def _condinst_fixture(name: str, checkout: str, seed: int) -> Dict:
                   "controller's output at the detections of the batch, in order; mask_feats (mask branch, stride 8); mask_logits "
                   "(R, 1, H/4, W/4) of the detections of the batch in order (dynamic head, "
                   "upsampled x2). train_extra: num_pos (positives of the shipped config), topk and "
-                  "losses_topk (MAX_PROPOSALS -1, TOPK_PROPOSALS_PER_IM topk)."),
+                  "losses_topk (MAX_PROPOSALS -1, TOPK_PROPOSALS_PER_IM topk); sem_config, "
+                  "sem_weights and losses_sem: AdelaiDet's MS_R_50_3x_sem (SEMANTIC_LOSS_ON), the "
+                  "same weights plus sem_weights (its semantic head); max_sampled, sampled (im_inds, "
+                  "fpn_levels, locations of the positives AdelaiDet's random subsample kept) and "
+                  "losses_sampled (MAX_PROPOSALS max_sampled)."),
         "weights": _half_weights(state),
         "inputs": inputs,
         "outputs": {"head": head, "results": results},
         "losses": losses,
-        "train_extra": {"num_pos": counted["num_pos"], "topk": TOPK, "losses_topk": losses_topk},
+        "train_extra": {"num_pos": counted["num_pos"], "topk": TOPK, "losses_topk": losses_topk,
+                        "sem_config": D2SEG_CONFIG["condinst-sem"], "sem_reference_config":
+                        REFERENCE_CONFIG["condinst-sem"], "sem_weights": _half_weights(sem_extra),
+                        "losses_sem": losses_sem, "max_sampled": MAX_SAMPLED,
+                        "sampled": kept, "losses_sampled": losses_sampled},
     }
 
 

@@ -12,7 +12,13 @@ Modules, one job each:
 """
 from . import config  # noqa: F401  (registers MODEL.CONDINST keys)
 from .checkpoint import convert_adelaidet_condinst
-from .condinst import CondInstMaskHead, dice_loss, gt_bitmasks_padded, sizes_of_interest_per_level
+from .condinst import (
+    CondInstMaskHead,
+    dice_loss,
+    gt_bitmasks_padded,
+    mask_centers_of_mass,
+    sizes_of_interest_per_level,
+)
 from .mask_branch import MaskBranch, aligned_upsample, semantic_targets
 
 __all__ = [
@@ -22,6 +28,7 @@ __all__ = [
     "convert_adelaidet_condinst",
     "dice_loss",
     "gt_bitmasks_padded",
+    "mask_centers_of_mass",
     "semantic_targets",
     "sizes_of_interest_per_level",
 ]
