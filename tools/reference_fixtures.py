@@ -92,7 +92,8 @@ Fixture dict (torch.save'd; tensors on CPU, float32 unless said; keep it < 1.5 M
 
 def git_commit(checkout: str) -> str:
     """The commit of a checkout: ``git rev-parse HEAD``, else a REFERENCE_COMMIT file
-    (write one when the checkout came from ``git archive``)."""
+    (write one when the checkout came from ``git archive``). A checkout without ``.git`` whose
+    git directory lies elsewhere (a mirror): run with ``GIT_DIR=<that directory>``."""
     try:
         out = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True,
                              text=True, check=True)
@@ -270,7 +271,11 @@ def main(argv=None):
     p.add_argument("--list", action="store_true", help="list the references and exit")
     args = p.parse_args(argv)
     if args.list:
+        listed = set()
         for fam in FAMILIES:
+            if FAMILIES[fam] in listed:  # one module can serve several prefixes
+                continue
+            listed.add(FAMILIES[fam])
             try:
                 module = load_family(fam)
             except SystemExit as e:
