@@ -12,7 +12,12 @@ width overrides, and compared on the fixture's images:
 * every training loss term on the same batch: relative 1e-4.
 
 Head-output names: FCOS ``logits``, ``bbox_reg`` (normalised by the stride, after ReLU) and
-``ctrness`` per level.
+``ctrness`` per level; MEInst also ``mask_reg`` (the mask branch's coefficients per level).
+
+Randomness: AdelaiDet's MEInst clamps its logit-space training targets with random values
+(MODEL.MEINST.TARGET_CLAMP_RANDOM_MAX 0.05 in the published configs); the fixture recorded the
+uniform numbers it drew (``train_extra["clamp_rand"]``, in d2seg's order of the positives)
+and the test makes d2seg's head draw those.
 """
 import os
 import sys
@@ -38,10 +43,13 @@ def load_fixture(name):
     return torch.load(path, weights_only=False)
 
 
-def build_d2seg(fx):
+def build_d2seg(fx, data_opts=()):
+    """d2seg's model from the shipped config, the fixture's width overrides, and data paths
+    (``data_opts``: MEInst's encoding file) only."""
     cfg = get_d2seg_cfg()
     cfg.merge_from_file(os.path.join(ROOT, fx["d2seg_config"]))
     cfg.merge_from_list(list(fx["d2seg_opts"]))
+    cfg.merge_from_list(list(data_opts))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     torch.manual_seed(0)
@@ -129,3 +137,99 @@ def test_fcos_losses(fcos):
     with EventStorage():
         losses = model(batch(fx))
     assert_same_losses(losses, fx["losses"])
+
+
+# ----------------------------------------------------------------------------- MEInst
+
+
+def meinst_encoding_file(fx, directory):
+    """The checkpoint's encoding as d2seg's .npz (what ``d2seg.meinst.convert --encoding-out``
+    writes): MEInst reads PATH_COMPONENTS when it is built."""
+    from d2seg.meinst import save_encoding
+    from d2seg.meinst.convert import convert_adelaidet_meinst
+
+    _, params = convert_adelaidet_meinst(fx["weights"])
+    path = os.path.join(str(directory), "encoding.npz")
+    save_encoding(path, params)
+    return path
+
+
+@pytest.fixture(scope="module")
+def meinst(tmp_path_factory):
+    fx = load_fixture("adelaidet_meinst.pt")
+    path = meinst_encoding_file(fx, tmp_path_factory.mktemp("meinst"))
+    return fx, build_d2seg(fx, ["MODEL.MEINST.PATH_COMPONENTS", path])
+
+
+def test_meinst_head_outputs(meinst):
+    fx, model = meinst
+    seen = {}
+    h1 = model.proposal_generator.fcos_head.register_forward_hook(lambda m, a, out: seen.update(out=out))
+    maps = []
+    h2 = model.mask_head.mask_pred.register_forward_hook(lambda m, a, out: maps.append(out))
+    model.eval()
+    with torch.no_grad():
+        model(batch(fx))
+    h1.remove()
+    h2.remove()
+    out, ref = seen["out"], fx["outputs"]["head"]
+    for lvl in range(len(model.proposal_generator.strides)):
+        assert_close_output(out.logits[lvl], ref["logits"][lvl], f"logits P{lvl + 3}")
+        assert_close_output(out.ctrness[lvl], ref["ctrness"][lvl], f"ctrness P{lvl + 3}")
+        assert_close_output(out.bbox_reg[lvl], ref["bbox_reg"][lvl], f"bbox_reg P{lvl + 3}")
+        assert_close_output(maps[lvl], ref["mask_reg"][lvl], f"mask_reg P{lvl + 3}")
+
+
+def test_meinst_results(meinst):
+    fx, model = meinst
+    model.eval()
+    with torch.no_grad():
+        results = model(batch(fx))
+    ref = fx["outputs"]["results"]
+    assert any((r["pred_boxes"] == 0).any() for r in ref)
+    assert_same_results(results, ref)
+
+
+MEINST_LOSS_NAMES = {"loss_MEInst_cls": "loss_fcos_cls", "loss_MEInst_loc": "loss_fcos_loc",
+                     "loss_MEInst_ctr": "loss_fcos_ctr", "loss_MEInst_mask": "loss_mask"}
+
+
+def test_meinst_losses(meinst, monkeypatch):
+    fx, model = meinst
+    extra = fx["train_extra"]
+    head = model.mask_head
+    # the shipped config takes AdelaiDet's random clamp of the targets ...
+    assert head.target_clamp_random_max == extra["value_max"]
+    # ... and here it draws what AdelaiDet drew: v = max(value_max * u, value_min), in float32
+    u = (extra["clamp_rand"].double() + 0.5) / extra["rand_levels"]
+    drawn = []
+
+    def rand_like(x, *args, **kwargs):
+        assert x.shape == u.shape, f"{tuple(x.shape)} positives x pixels vs the reference's {tuple(u.shape)}"
+        drawn.append(x)
+        return u.to(x.dtype)
+
+    monkeypatch.setattr(torch, "rand_like", rand_like)
+    model.train()
+    with EventStorage():
+        losses = model(batch(fx))
+    monkeypatch.undo()
+    assert len(drawn) == 1
+    assert_same_losses(losses, fx["losses"], MEINST_LOSS_NAMES)
+
+
+def test_meinst_clamp_noise_matters(meinst):
+    """Without the reference's draws (a deterministic clamp at 0.01) the mask loss differs:
+    the fixture catches a change of the convention."""
+    fx, model = meinst
+    model.train()
+    head = model.mask_head
+    old = head.target_clamp_random_max
+    head.target_clamp_random_max = 0.0
+    try:
+        with EventStorage():
+            losses = model(batch(fx))
+    finally:
+        head.target_clamp_random_max = old
+    ref = fx["losses"]["loss_MEInst_mask"].item()
+    assert abs(losses["loss_mask"].item() - ref) > 1e-2 * ref

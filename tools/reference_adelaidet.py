@@ -1,6 +1,7 @@
 """Fixture builders for aim-uofa/AdelaiDet (see tools/reference_fixtures.py).
 
     python tools/reference_fixtures.py --reference adelaidet-fcos --checkout /path/to/AdelaiDet
+    python tools/reference_fixtures.py --reference adelaidet-meinst --checkout /path/to/AdelaiDet
 
 AdelaiDet on CPU without its compiled part. ``adet._C`` (BezierAlign, DefROIAlign: CUDA/C++
 sources that do not build against PyTorch 2.14) is replaced before import by a stub module
@@ -8,7 +9,10 @@ whose functions raise; none of the references built here calls them (they serve 
 the deformable RoI align of other methods). ``skimage`` (imported by CondInst for BoxInst's
 LAB colour similarity, unused with full mask supervision) is stubbed the same way when it is
 not installed. :func:`stub_report` says what was stubbed; the fixture's "notes" record it.
-No CUDA-only op lies on the FCOS path, so nothing is replaced by a CPU equivalent.
+No CUDA-only op lies on the FCOS or MEInst (without DCN) paths, so nothing is replaced by a
+CPU equivalent. MEInst at AdelaiDet's HEAD needs two patches (:func:`patch_meinst_layout`,
+:func:`patch_meinst_iou_loss`; recorded in the notes too), and its random clamp of the training
+targets is replayed from recorded draws (:class:`_RecordedRandLike`).
 
 Each model is built from AdelaiDet's own config of the published checkpoint, narrowed by
 :data:`NARROW` (the same keys narrow d2seg's shipped config: the test applies them and
@@ -27,14 +31,18 @@ from reference_fixtures import on_path, seed_all, synthetic_images, to_detectron
 
 REFERENCES = {
     "adelaidet-fcos": "AdelaiDet FCOS R_50_1x (configs/FCOS-Detection/R_50_1x.yaml)",
+    "adelaidet-meinst": "AdelaiDet MEInst R_50_1x without DCN "
+                        "(configs/MEInst-InstanceSegmentation/MEInst_R_50_1x_none.yaml)",
 }
 
 REFERENCE_CONFIG = {
     "adelaidet-fcos": "configs/FCOS-Detection/R_50_1x.yaml",
+    "adelaidet-meinst": "configs/MEInst-InstanceSegmentation/MEInst_R_50_1x_none.yaml",
 }
 
 D2SEG_CONFIG = {
     "adelaidet-fcos": "configs/FCOS/R_50_1x.yaml",
+    "adelaidet-meinst": "configs/MEInst/MEInst_R_50_1x.yaml",
 }
 
 # Width overrides valid for both AdelaiDet's and d2seg's configs (R-50 layout, narrow).
@@ -45,7 +53,26 @@ NARROW = [
     ("MODEL.FPN.OUT_CHANNELS", 32),
 ]
 
+# Narrower still where the head is larger (MEInst: a third tower and a 60 x 784 encoding),
+# so that the fixture stays under 1.5 MB. FPN channels stay 32 (GroupNorm with 32 groups).
+NARROW_FOR = {
+    "adelaidet-meinst": [
+        ("MODEL.RESNETS.STEM_OUT_CHANNELS", 8),
+        ("MODEL.RESNETS.RES2_OUT_CHANNELS", 8),
+        ("MODEL.RESNETS.WIDTH_PER_GROUP", 2),
+        ("MODEL.FPN.OUT_CHANNELS", 32),
+    ],
+}
+
+# Mask models: every weight is rounded to a bfloat16 value (the reference runs in float32 with
+# those values) and stored as bfloat16: exact, half the size.
+BFLOAT16_WEIGHTS = {"adelaidet-meinst"}
+
 CLASS_BIAS = -2.0  # replaces the focal prior bias (-4.6): some scores pass 0.05, not all
+# mask models: smaller images (the fixture stays small)
+IMAGE_SIZES = {"adelaidet-meinst": ((80, 96), (64, 80))}
+# mask models: fewer detections (the fixture stores every mask at full image size)
+CLASS_BIAS_MASKS = {"adelaidet-meinst": -3.28}
 BOX_BIAS = 4.0  # box regression bias (distances ~4 strides): boxes leave the image, and NMS
 # of clipped vs unclipped boxes differs on the fixture (96 vs 95 detections on image 0)
 
@@ -88,7 +115,7 @@ def install_stubs(checkout: str):
                 "this PyTorch; the FCOS/MEInst/SOLOv2/CondInst/BlendMask inference and training "
                 "paths do not call them")
             _STUBBED.append("adet._C (BezierAlign, DefROIAlign: not on these models' paths)")
-    if importlib.util.find_spec("skimage") is None and "skimage" not in sys.modules:
+    if "skimage" not in sys.modules and importlib.util.find_spec("skimage") is None:
         sk = _raising_module("skimage", "BoxInst colour similarity only")
         sk.color = _raising_module("skimage.color", "BoxInst colour similarity only")
         sys.modules["skimage"] = sk
@@ -96,21 +123,66 @@ def install_stubs(checkout: str):
         _STUBBED.append("skimage.color (BoxInst's LAB similarity: not used with mask supervision)")
 
 
-def _opts():
+_PATCHED: List[str] = []
+
+
+def patch_meinst_layout():
+    """AdelaiDet's MEInstOutputs.forward_for_single_feature_map calls ``.view(N, -1)`` on a
+    permuted tensor, which current PyTorch refuses (the sigmoid keeps the permuted strides).
+    The patch hands it the classification logits in channels-last memory layout, so that the
+    permuted tensor is contiguous: a layout change only, every value is the same."""
+    from adet.modeling.MEInst.MEInst_outputs import MEInstOutputs
+
+    orig = MEInstOutputs.forward_for_single_feature_map
+    if getattr(orig, "_d2seg_patched", False):
+        return
+
+    def patched(self, locations, box_cls, *args, **kwargs):
+        return orig(self, locations, box_cls.contiguous(memory_format=torch.channels_last), *args, **kwargs)
+    patched._d2seg_patched = True
+    MEInstOutputs.forward_for_single_feature_map = patched
+    _PATCHED.append("MEInstOutputs.forward_for_single_feature_map gets channels-last logits "
+                    "(its .view on a permuted tensor fails on current PyTorch; values unchanged)")
+
+
+def patch_meinst_iou_loss(gen):
+    """At AdelaiDet's HEAD, MEInst calls ``IOULoss(pred, target, weight)`` but IOULoss takes
+    ``(ious, gious, weight)`` since FCOS moved the IoU computation into ``compute_ious``: MEInst's
+    training fails. The patch wraps the module: AdelaiDet's own ``compute_ious`` (as FCOS calls
+    it, IoU smoothed by +1), then its IOULoss."""
+    from adet.utils.comm import compute_ious
+    from torch import nn
+
+    class _IoULossOnBoxes(nn.Module):
+        def __init__(self, loss):
+            super().__init__()
+            self.loss = loss
+
+        def forward(self, pred, target, weight=None):
+            ious, gious = compute_ious(pred, target)
+            return self.loss(ious, gious, weight)
+
+    gen.iou_loss = _IoULossOnBoxes(gen.iou_loss)
+    _PATCHED.append("MEInst's iou_loss takes boxes: AdelaiDet's compute_ious then its IOULoss "
+                    "(MEInst at HEAD passes boxes to IOULoss, which takes IoUs since FCOS's change)")
+
+
+def _opts(name: str):
     out = []
-    for k, v in NARROW:
+    for k, v in NARROW_FOR.get(name, NARROW):
         out += [k, v]
     return out
 
 
-def _build(name: str, checkout: str, seed: int):
+def _build(name: str, checkout: str, seed: int, extra_opts=()):
     from adet.config import get_cfg
     from detectron2.modeling import build_model
     import adet.modeling  # noqa: F401  registers the meta-architectures
 
     cfg = get_cfg()
     cfg.merge_from_file(f"{checkout}/{REFERENCE_CONFIG[name]}")
-    cfg.merge_from_list(_opts())
+    cfg.merge_from_list(_opts(name))
+    cfg.merge_from_list(list(extra_opts))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     seed_all(seed)
@@ -119,7 +191,7 @@ def _build(name: str, checkout: str, seed: int):
     with torch.no_grad():
         for k, p in model.named_parameters():
             if k.endswith("cls_logits.bias"):
-                p.fill_(CLASS_BIAS)
+                p.fill_(CLASS_BIAS_MASKS.get(name, CLASS_BIAS))
             elif k.endswith("bbox_pred.bias"):
                 p.fill_(BOX_BIAS)
             elif k.endswith(".bias") and p.abs().sum() == 0:
@@ -136,49 +208,192 @@ def _build(name: str, checkout: str, seed: int):
                 b.copy_(torch.rand(b.shape, generator=g) * 0.3 + 0.2)
             elif k.startswith("backbone") and k.endswith(".bias"):
                 b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+        if name in BFLOAT16_WEIGHTS:
+            for t in model.state_dict().values():  # not pixel_mean/std (not saved)
+                if t.is_floating_point():
+                    t.copy_(t.to(torch.bfloat16).float())
     return cfg, model
 
 
-def _fcos_fixture(name: str, checkout: str, seed: int) -> Dict:
+def _random_meinst_encoding(seed: int, dim: int, size: int):
+    """A random class-agnostic encoding: orthonormal components, positive variances, means of
+    logit-space masks (what AdelaiDet's PCA file holds)."""
+    g = torch.Generator().manual_seed(seed + 2)
+    q, _ = torch.linalg.qr(torch.randn(size * size, dim, generator=g, dtype=torch.float64))
+    comps = q.T.contiguous()
+    var = torch.sort(torch.rand(dim, generator=g, dtype=torch.float64) * 20 + 0.5, descending=True)[0]
+    mean = torch.randn(size * size, generator=g, dtype=torch.float64) * 1.5
+    # bfloat16 values (see BFLOAT16_WEIGHTS): the file and the state dict hold the same numbers
+    return tuple(t.to(torch.bfloat16).double() for t in (comps, var, mean))
+
+
+def _one_stage_run(name: str, cfg, model, head, inputs, head_names, train_context=None):
+    """Head outputs (forward hook on ``head``: output i is stored as ``head_names[i]``),
+    results (eval) and losses (train, inside ``train_context`` if given)."""
+    import contextlib
+
     from detectron2.utils.events import EventStorage
 
-    cfg, model = _build(name, checkout, seed)
-    inputs = synthetic_images(seed)
     head_out = {}
 
     def hook(mod, args, out):
-        logits, bbox_reg, ctrness = out[0], out[1], out[2]
-        head_out["logits"] = [t.detach().clone() for t in logits]
-        head_out["bbox_reg"] = [t.detach().clone() for t in bbox_reg]
-        head_out["ctrness"] = [t.detach().clone() for t in ctrness]
+        for i, key in head_names.items():
+            head_out[key] = [t.detach().clone() for t in out[i]]
 
-    h = model.proposal_generator.fcos_head.register_forward_hook(hook)
+    h = head.register_forward_hook(hook)
     model.eval()
     with torch.no_grad():
         results = model(to_detectron2_inputs(inputs))
     h.remove()
     results = [instances_to_dict(r["instances"]) for r in results]
     model.train()
-    with EventStorage():
+    with EventStorage(), (train_context or contextlib.nullcontext()):
         losses = model(to_detectron2_inputs(inputs))
     losses = {k: v.detach() for k, v in losses.items()}
+    return head_out, results, losses
+
+
+def _fixture_dict(name: str, seed: int, model, inputs, head_out, results, losses, notes: str):
     return {
         "repo": "aim-uofa/AdelaiDet",
         "reference_config": REFERENCE_CONFIG[name],
         "d2seg_config": D2SEG_CONFIG[name],
-        "d2seg_opts": _opts(),
+        "d2seg_opts": _opts(name),
         "seed": seed,
-        "notes": ("stubbed: " + stub_report() + ". Head outputs: the FCOS head's per-level "
-                  "logits, bbox_reg (distances / stride, after ReLU) and ctrness."),
-        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "notes": ("stubbed: " + stub_report() + ". Patched: " + ("; ".join(_PATCHED) or "nothing")
+                  + ". " + notes),
+        "weights": {k: (v.detach().to(torch.bfloat16) if name in BFLOAT16_WEIGHTS and v.is_floating_point()
+                        else v.detach().clone()) for k, v in model.state_dict().items()},
         "inputs": inputs,
         "outputs": {"head": head_out, "results": results},
         "losses": losses,
     }
 
 
+FCOS_HEAD_NAMES = {0: "logits", 1: "bbox_reg", 2: "ctrness"}
+
+
+def _fcos_fixture(name: str, checkout: str, seed: int) -> Dict:
+    cfg, model = _build(name, checkout, seed)
+    inputs = synthetic_images(seed)
+    head_out, results, losses = _one_stage_run(name, cfg, model, model.proposal_generator.fcos_head,
+                                               inputs, FCOS_HEAD_NAMES)
+    return _fixture_dict(name, seed, model, inputs, head_out, results, losses,
+                         "Head outputs: the FCOS head's per-level logits, bbox_reg (distances / "
+                         "stride, after ReLU) and ctrness.")
+
+
+# MEInst's training targets: AdelaiDet clamps each binary target pixel to [v, 1 - v] before the
+# logit, v = max(0.05 * torch.rand_like(.), 0.01), drawn anew at every step. The fixture
+# controls that draw: u = (k + 0.5) / RAND_LEVELS with k uint8 from the seed, stored.
+RAND_LEVELS = 256
+
+
+class _RecordedRandLike:
+    """Replaces ``torch.rand_like`` for one training step of AdelaiDet's MEInst (its only
+    caller on that path is PCAMaskEncoding.inverse_sigmoid): seeded values on a grid of
+    RAND_LEVELS levels (exactly representable), recorded as uint8."""
+
+    def __init__(self, seed: int):
+        self.g = torch.Generator().manual_seed(seed)
+        self.draws = []
+
+    def __call__(self, x, *args, **kwargs):
+        k = torch.randint(0, RAND_LEVELS, x.shape, generator=self.g, dtype=torch.int64)
+        self.draws.append(k.to(torch.uint8))
+        return ((k.double() + 0.5) / RAND_LEVELS).to(dtype=x.dtype, device=x.device)
+
+    def __enter__(self):
+        self._orig = torch.rand_like
+        torch.rand_like = self
+        return self
+
+    def __exit__(self, *exc):
+        torch.rand_like = self._orig
+
+
+def _positives_order(labels_level_first, num_images: int, num_classes: int) -> torch.Tensor:
+    """AdelaiDet's order of the positives (level, image, location in the level) -> the
+    permutation to d2seg's order (image, location over all levels)."""
+    keys, offset = [], 0
+    for lab in labels_level_first:
+        lab = lab.reshape(num_images, -1)
+        im, loc = (lab != num_classes).nonzero(as_tuple=True)
+        keys.append(im * 10**9 + offset + loc)
+        offset += lab.shape[1]
+    return torch.argsort(torch.cat(keys))
+
+
+def _meinst_fixture(name: str, checkout: str, seed: int) -> Dict:
+    import os
+    import shutil
+    import tempfile
+
+    import numpy as np
+    from adet.modeling.MEInst.MEInst_outputs import MEInstOutputs
+
+    # AdelaiDet reads its PCA file (PATH_COMPONENTS) at the first training step and keeps the
+    # values in proposal_generator.mask_encoding.*; here a random encoding, written to a
+    # temporary file for training and set in the state dict for inference.
+    comps, var, mean = _random_meinst_encoding(seed, 60, 28)
+    tmp = tempfile.mkdtemp()
+    try:
+        path = os.path.join(tmp, "encoding.npz")
+        np.savez(path, components_c=comps[None].numpy(), explained_variance_c=var[None].numpy(),
+                 mean_c=mean[None].numpy())
+        cfg, model = _build(name, checkout, seed, ["MODEL.MEInst.PATH_COMPONENTS", path])
+        gen = model.proposal_generator
+        with torch.no_grad():
+            gen.mask_encoding.components.copy_(comps.float())
+            gen.mask_encoding.explained_variances.copy_(var.float())
+            gen.mask_encoding.means.copy_(mean.float())
+        patch_meinst_layout()
+        patch_meinst_iou_loss(gen)
+
+        seen = {}
+        orig_gt = MEInstOutputs._get_ground_truth
+
+        def get_ground_truth(self):
+            out = orig_gt(self)
+            seen["labels"] = [t.clone() for t in out["labels"]]
+            seen["num_images"] = len(self.gt_instances)
+            return out
+
+        MEInstOutputs._get_ground_truth = get_ground_truth
+        rand = _RecordedRandLike(seed + 3)
+        inputs = synthetic_images(seed, sizes=IMAGE_SIZES[name])
+        try:
+            head_out, results, losses = _one_stage_run(
+                name, cfg, model, gen.MEInst_head, inputs,
+                {0: "logits", 1: "bbox_reg", 2: "ctrness", 4: "mask_reg"}, rand)
+        finally:
+            MEInstOutputs._get_ground_truth = orig_gt
+    finally:
+        shutil.rmtree(tmp)
+    if len(rand.draws) != 1:
+        raise RuntimeError(f"expected one torch.rand_like call in MEInst's training step, got {len(rand.draws)}")
+    draws = rand.draws[0]
+    order = _positives_order(seen["labels"], seen["num_images"], cfg.MODEL.MEInst.NUM_CLASSES)
+    if len(order) != draws.shape[0]:
+        raise RuntimeError(f"{len(order)} positives but {draws.shape[0]} rows of random draws")
+    out = _fixture_dict(
+        name, seed, model, inputs, head_out, results, losses,
+        "Head outputs: the MEInst head's per-level logits, bbox_reg (distances / stride, after "
+        "ReLU), ctrness and mask_reg (the mask branch's coefficients). A random encoding is in "
+        "the state dict (proposal_generator.mask_encoding.*) and, for training, in the "
+        "PATH_COMPONENTS file. Weights: bfloat16 values, stored as bfloat16 (the reference ran "
+        "in float32 with the same values). Training: torch.rand_like (AdelaiDet's random clamp of the "
+        "logit-space targets, PCAMaskEncoding.inverse_sigmoid) returns (k + 0.5) / "
+        f"{RAND_LEVELS}, k in train_extra['clamp_rand'] (uint8, positives x m*m, rows in "
+        "d2seg's order of positives: image, then location over all levels).")
+    out["train_extra"] = {"clamp_rand": draws[order].contiguous(), "rand_levels": RAND_LEVELS,
+                          "value_max": 0.05, "value_min": 0.01}
+    return out
+
+
 BUILDERS = {
     "adelaidet-fcos": _fcos_fixture,
+    "adelaidet-meinst": _meinst_fixture,
 }
 
 

@@ -47,4 +47,9 @@ def add_meinst_config(cfg):
     # Implicit encoding: decode the predicted coefficients with the frozen W and apply a
     # per-pixel BCE on the m x m mask instead of a loss on the codes (needs SIGMOID).
     _C.LOSS_ON_MASK = False
+    # With SIGMOID, the binary training targets are clamped to [v, 1 - v] before the logit.
+    # 0: v = 0.01 (deterministic). > 0: v = max(U(0, TARGET_CLAMP_RANDOM_MAX), 0.01) per
+    # pixel, drawn anew at every step: AdelaiDet's noise on the targets (its value 0.05; the
+    # published COCO configs set it, see docs/meinst.md "Parity with the reference").
+    _C.TARGET_CLAMP_RANDOM_MAX = 0.0
     return cfg

@@ -168,11 +168,18 @@ class MaskStatistics:
                                   self.mask_size, whiten, self.sigmoid, self.count, dataset)
 
 
-def masks_to_signal(masks: Tensor, sigmoid: bool) -> Tensor:
-    """(B, m, m) or (B, D) masks in [0, 1] -> (B, D) signal u (logits if ``sigmoid``)."""
+def masks_to_signal(masks: Tensor, sigmoid: bool, eps=SIGMOID_EPS) -> Tensor:
+    """(B, m, m) or (B, D) masks in [0, 1] -> (B, D) signal u (logits if ``sigmoid``).
+
+    eps: the clamp [eps, 1 - eps] before the logit: a number, or a (B, D) tensor (one per
+    pixel, e.g. AdelaiDet's random clamp of the training targets)."""
     x = masks.reshape(masks.shape[0], -1).float()
     if sigmoid:
-        x = x.clamp(SIGMOID_EPS, 1.0 - SIGMOID_EPS)
+        if isinstance(eps, Tensor):
+            eps = eps.to(x.dtype)
+            x = torch.minimum(torch.maximum(x, eps), 1.0 - eps)
+        else:
+            x = x.clamp(eps, 1.0 - eps)
         x = torch.log(x) - torch.log1p(-x)
     return x
 
@@ -235,9 +242,10 @@ class MaskEncoding(nn.Module):
         """W, (D, N)."""
         return (self.components * self._scale()[:, None]).t()
 
-    def encode(self, masks: Tensor) -> Tensor:
-        """(B, m, m) or (B, D) masks in [0, 1] -> (B, N) codes v = T (u - mean)."""
-        u = masks_to_signal(masks, self.sigmoid).to(self.means.dtype)
+    def encode(self, masks: Tensor, eps=SIGMOID_EPS) -> Tensor:
+        """(B, m, m) or (B, D) masks in [0, 1] -> (B, N) codes v = T (u - mean).
+        ``eps``: the clamp before the logit (see :func:`masks_to_signal`)."""
+        u = masks_to_signal(masks, self.sigmoid, eps).to(self.means.dtype)
         if u.shape[1] != self.means.shape[0]:
             raise ValueError(f"masks of {u.shape[1]} pixels, encoding of m*m={self.means.shape[0]}.")
         return (u - self.means) @ self.projection().t()

@@ -20,7 +20,7 @@ from d2seg.fcos import ONE_STAGE_MASK_HEAD_REGISTRY, OneStageMaskHead, flatten_l
 from d2seg.fcos.deform_conv import ModulatedDeformConv2d
 from d2seg.fcos.head import _make_tower
 
-from .encoding import MaskEncoding
+from .encoding import SIGMOID_EPS, MaskEncoding
 from .learn import encoding_for_config
 from .losses import MASK_LOSS_TYPES, code_loss, mask_bce_loss
 
@@ -103,6 +103,7 @@ class MEInstMaskHead(OneStageMaskHead):
         loss_type: str = "mse",
         loss_weight: float = 1.0,
         loss_on_mask: bool = False,
+        target_clamp_random_max: float = 0.0,
     ):
         """
         Args:
@@ -114,6 +115,9 @@ class MEInstMaskHead(OneStageMaskHead):
             loss_type: code loss, one of MASK_LOSS_TYPES.
             loss_weight: lambda_mask.
             loss_on_mask: implicit encoding (BCE on the decoded m x m mask).
+            target_clamp_random_max: 0 clamps the binary targets to [0.01, 0.99] before the
+                logit; > 0 clamps each pixel to [v, 1 - v], v = max(U(0, this), 0.01) drawn
+                at every step (AdelaiDet: 0.05). See :meth:`target_clamp_eps`.
         """
         super().__init__()
         norm = "" if norm in (None, "none", "") else norm
@@ -121,6 +125,8 @@ class MEInstMaskHead(OneStageMaskHead):
             raise ValueError(f"MODEL.FCOS.NORM must be 'GN' or 'none' for MEInst, got {norm!r}.")
         if loss_type not in MASK_LOSS_TYPES:
             raise ValueError(f"MODEL.MEINST.MASK_LOSS_TYPE must be one of {MASK_LOSS_TYPES}, got {loss_type!r}.")
+        if target_clamp_random_max < 0:
+            raise ValueError(f"MODEL.MEINST.TARGET_CLAMP_RANDOM_MAX must be >= 0, got {target_clamp_random_max}.")
         if loss_on_mask and not encoding.sigmoid:
             raise ValueError("MODEL.MEINST.LOSS_ON_MASK needs MODEL.MEINST.SIGMOID: True (logit-space codes).")
         self.in_features = list(in_features)
@@ -128,6 +134,7 @@ class MEInstMaskHead(OneStageMaskHead):
         self.loss_type = loss_type
         self.loss_weight = float(loss_weight)
         self.loss_on_mask = bool(loss_on_mask)
+        self.target_clamp_random_max = float(target_clamp_random_max)
         n = encoding.num_components
         self.mask_tower = _make_tower(num_convs, in_channels, norm, use_deformable)
         if use_large_kernel:
@@ -170,6 +177,7 @@ class MEInstMaskHead(OneStageMaskHead):
             "loss_type": mc.MASK_LOSS_TYPE,
             "loss_weight": mc.MASK_LOSS_WEIGHT,
             "loss_on_mask": mc.LOSS_ON_MASK,
+            "target_clamp_random_max": mc.TARGET_CLAMP_RANDOM_MAX,
         }
 
     @property
@@ -180,6 +188,15 @@ class MEInstMaskHead(OneStageMaskHead):
         """Codes at every location: (I, M, N), locations in FCOS's order."""
         maps = [self.mask_pred(self.mask_tower(features[f])) for f in self.in_features]
         return flatten_levels(maps)
+
+    def target_clamp_eps(self, targets: Tensor):
+        """The clamp of the (P, m, m) binary targets before the logit: SIGMOID_EPS, or with
+        ``target_clamp_random_max`` > 0 a (P, m * m) tensor max(U(0, max), SIGMOID_EPS)
+        drawn now (AdelaiDet's PCAMaskEncoding.inverse_sigmoid: a noise on the targets)."""
+        if self.target_clamp_random_max <= 0:
+            return SIGMOID_EPS
+        u = torch.rand_like(targets.reshape(targets.shape[0], -1))
+        return (u * self.target_clamp_random_max).clamp(min=SIGMOID_EPS)
 
     def losses(self, images: ImageList, features: Dict[str, Tensor], fcos_outputs,
                gt_instances: List[Instances]) -> Dict[str, Tensor]:
@@ -194,7 +211,8 @@ class MEInstMaskHead(OneStageMaskHead):
             logits = self.encoding.decode(pred, activate=False).flatten(1)
             loss = mask_bce_loss(logits, targets.flatten(1), weights)
         else:
-            loss = code_loss(pred, self.encoding.encode(targets), weights, self.loss_type)
+            codes = self.encoding.encode(targets, self.target_clamp_eps(targets))
+            loss = code_loss(pred, codes, weights, self.loss_type)
         return {"loss_mask": self.loss_weight * loss}
 
     def inference(self, images: ImageList, features: Dict[str, Tensor], fcos_outputs,
