@@ -12,7 +12,9 @@ width overrides, and compared on the fixture's images:
 * every training loss term on the same batch: relative 1e-4.
 
 Head-output names: FCOS ``logits``, ``bbox_reg`` (normalised by the stride, after ReLU) and
-``ctrness`` per level; MEInst also ``mask_reg`` (the mask branch's coefficients per level).
+``ctrness`` per level; MEInst also ``mask_reg`` (the mask branch's coefficients per level);
+SOLOv2 ``cate_pred`` and ``kernel_pred`` per level, each as its first channels and random
+projections over all channels (too large to store whole), and ``mask_feat``.
 
 Randomness: AdelaiDet's MEInst clamps its logit-space training targets with random values
 (MODEL.MEINST.TARGET_CLAMP_RANDOM_MAX 0.05 in the published configs); the fixture recorded the
@@ -233,3 +235,64 @@ def test_meinst_clamp_noise_matters(meinst):
         head.target_clamp_random_max = old
     ref = fx["losses"]["loss_MEInst_mask"].item()
     assert abs(losses["loss_mask"].item() - ref) > 1e-2 * ref
+
+
+# ----------------------------------------------------------------------------- SOLOv2
+
+
+@pytest.fixture(scope="module")
+def solov2():
+    fx = load_fixture("adelaidet_solov2.pt")
+    return fx, build_d2seg(fx)
+
+
+def assert_close_summary(ours, ref, proj, what):
+    """``ours``: L maps (N, C, S, S); ``ref``: their first channels and projections (see
+    tools/reference_adelaidet.py, head_summary)."""
+    for lvl, x in enumerate(ours):
+        k = ref["channels"][lvl].shape[1]
+        assert_close_output(x[:, :k], ref["channels"][lvl], f"{what} level {lvl} channels")
+        p = torch.einsum("nchw,kc->nkhw", x.double(), proj.double()).float()
+        # a projection sums C channels: its rounding grows with C
+        tol = max(1e-4, 1e-5 * ref["projections"][lvl].abs().max().item()) * proj.abs().sum(1).max().item()
+        diff = (p - ref["projections"][lvl]).abs().max().item()
+        assert diff <= tol, f"{what} level {lvl} projections: max abs diff {diff:.3g} > {tol:.3g}"
+
+
+def test_solov2_head_outputs(solov2):
+    fx, model = solov2
+    seen = {}
+    h1 = model.ins_head.register_forward_hook(lambda m, a, out: seen.update(ins=out))
+    h2 = model.mask_head.register_forward_hook(lambda m, a, out: seen.update(mask=out))
+    model.eval()
+    with torch.no_grad():
+        model(batch(fx))
+    h1.remove()
+    h2.remove()
+    ref = fx["outputs"]["head"]
+    cate, kernels = seen["ins"]
+    assert len(cate) == len(ref["cate_pred"]["channels"]) == 5
+    assert_close_summary(cate, ref["cate_pred"], ref["proj_cate"], "cate_pred")
+    assert_close_summary(kernels, ref["kernel_pred"], ref["proj_kernel"], "kernel_pred")
+    assert_close_output(seen["mask"], ref["mask_feat"], "mask feature")
+
+
+def test_solov2_results(solov2):
+    fx, model = solov2
+    model.eval()
+    with torch.no_grad():
+        results = model(batch(fx))
+    ref = fx["outputs"]["results"]
+    assert all(len(r["scores"]) > 0 for r in ref)
+    assert_same_results(results, ref)
+
+
+SOLOV2_LOSS_NAMES = {"loss_ins": "loss_mask", "loss_cate": "loss_cate"}
+
+
+def test_solov2_losses(solov2):
+    fx, model = solov2
+    model.train()
+    with EventStorage():
+        losses = model(batch(fx))
+    assert_same_losses(losses, fx["losses"], SOLOV2_LOSS_NAMES)

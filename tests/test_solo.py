@@ -103,6 +103,55 @@ def test_mask_targets_area_average_and_padding():
     assert torch.allclose(tgt[0], expected)
 
 
+def test_center_of_mass_adelaidet_pixel_indices():
+    m = torch.zeros(1, 10, 10)
+    m[0, 2:4, 6:10] = 1  # rows 2, 3 -> 2.5; cols 6..9 -> 7.5 (pixel i at i, AdelaiDet)
+    cx, cy = center_of_mass(m, pixel_offset=0.0)
+    assert cx.item() == pytest.approx(7.5) and cy.item() == pytest.approx(2.5)
+
+
+def test_adelaidet_center_half_a_pixel_lower_on_a_boundary():
+    # rows [28, 38): centre 33 (pixel centres) or 32.5 (AdelaiDet), region +- 0.1 * 10 = 1 px:
+    # [32, 34] or [31.5, 33.5]; 32 is the boundary of rows 3 and 4 of level 1 (S=16, 8 px
+    # cells). Columns [8, 32): centre 20 (19.5) +- 2.4 px, inside column 2.
+    inst = _instances([(28, 38, 8, 32)], [1])
+    ours = assign_grid_targets([inst], (128, 128), GRIDS, RANGES, 0.2, num_classes=5)
+    ref = assign_grid_targets([inst], (128, 128), GRIDS, RANGES, 0.2, num_classes=5, center="adelaidet")
+    assert _cells(ours[1]) == {(4, 2): 0}
+    assert _cells(ref[1]) == {(3, 2): 0, (4, 2): 0}
+
+
+def test_later_instance_wins_shared_cells_and_keeps_duplicates():
+    # as test_smaller_instance_wins_...: E (8x8) inside D (24x24), shared cells on level 0
+    inst = _instances([(0, 24, 0, 24), (8, 16, 8, 16)], [0, 4])
+    t = assign_grid_targets([inst], (128, 128), GRIDS, RANGES, 0.2, num_classes=5, conflict="later")
+    # level 0: D claims rows/cols 1..2, then E claims the same cells: E's class, both targets
+    pairs = sorted(zip(t[0].pos_cell.tolist(), t[0].pos_gt.tolist()))
+    cells = [r * 20 + c for r in (1, 2) for c in (1, 2)]
+    assert pairs == sorted([(c, 0) for c in cells] + [(c, 1) for c in cells])
+    assert t[0].cate_labels[0, 1:3, 1:3].eq(4).all() and t[0].cate_labels.ne(5).sum() == 4
+    # D first, E second: E (the later one) also wins with "smaller"; reversed, only "later" differs
+    inst_rev = _instances([(8, 16, 8, 16), (0, 24, 0, 24)], [4, 0])
+    later = assign_grid_targets([inst_rev], (128, 128), GRIDS, RANGES, 0.2, 5, conflict="later")
+    smaller = assign_grid_targets([inst_rev], (128, 128), GRIDS, RANGES, 0.2, 5)
+    assert later[0].cate_labels[0, 1:3, 1:3].eq(0).all()
+    assert smaller[0].cate_labels[0, 1:3, 1:3].eq(4).all()
+
+
+def test_mask_targets_bilinear_adelaidet():
+    # 8 x 12 mask, scale 1/4 -> 2 x 3 samples at pixel (4i + 1.5, 4j + 1.5): the average of
+    # the 2 x 2 pixels rows 4i+1..4i+2, cols 4j+1..4j+2, rounded half up
+    inst = _instances([(0, 2, 0, 6)], [0], size=(8, 12))  # rows 0, 1; cols 0..5
+    tgt = mask_targets_at([inst], (16, 16), (4, 4), torch.tensor([0]), torch.tensor([0]),
+                          downsample="bilinear")
+    expected = torch.zeros(4, 4)  # the 2 x 3 result sits top-left in the 4 x 4 map
+    expected[0, 0] = 1.0  # rows 1..2 (row 1 set) x cols 1..2 (both set): 2 of 4 -> 1
+    expected[0, 1] = 0.0  # rows 1..2 x cols 5..6 (col 5 set): 1 of 4 -> 0
+    assert torch.equal(tgt[0], expected)
+    with pytest.raises(ValueError, match="MASK_TARGET_DOWNSAMPLE"):
+        mask_targets_at([inst], (16, 16), (4, 4), torch.tensor([0]), torch.tensor([0]), downsample="x")
+
+
 def test_dice_loss_hand_computation():
     p = torch.tensor([[[0.5, 1.0], [0.0, 0.25]]])
     q = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])

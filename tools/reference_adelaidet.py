@@ -2,6 +2,7 @@
 
     python tools/reference_fixtures.py --reference adelaidet-fcos --checkout /path/to/AdelaiDet
     python tools/reference_fixtures.py --reference adelaidet-meinst --checkout /path/to/AdelaiDet
+    python tools/reference_fixtures.py --reference adelaidet-solov2 --checkout /path/to/AdelaiDet
 
 AdelaiDet on CPU without its compiled part. ``adet._C`` (BezierAlign, DefROIAlign: CUDA/C++
 sources that do not build against PyTorch 2.14) is replaced before import by a stub module
@@ -9,14 +10,14 @@ whose functions raise; none of the references built here calls them (they serve 
 the deformable RoI align of other methods). ``skimage`` (imported by CondInst for BoxInst's
 LAB colour similarity, unused with full mask supervision) is stubbed the same way when it is
 not installed. :func:`stub_report` says what was stubbed; the fixture's "notes" record it.
-No CUDA-only op lies on the FCOS or MEInst (without DCN) paths, so nothing is replaced by a
-CPU equivalent. MEInst at AdelaiDet's HEAD needs two patches (:func:`patch_meinst_layout`,
+No CUDA-only op lies on the FCOS, MEInst (without DCN) or SOLOv2 paths, so nothing is replaced
+by a CPU equivalent. MEInst at AdelaiDet's HEAD needs two patches (:func:`patch_meinst_layout`,
 :func:`patch_meinst_iou_loss`; recorded in the notes too), and its random clamp of the training
 targets is replayed from recorded draws (:class:`_RecordedRandLike`).
 
 Each model is built from AdelaiDet's own config of the published checkpoint, narrowed by
-:data:`NARROW` (the same keys narrow d2seg's shipped config: the test applies them and
-nothing else), with random weights from the seed (FrozenBN statistics randomised, the
+:data:`NARROW` or :data:`NARROW_FOR` (the same keys narrow d2seg's shipped config: the test
+applies them and nothing else; SOLOv2's are MODEL.SOLOV2.* in AdelaiDet, MODEL.SOLO.* here), with random weights from the seed (FrozenBN statistics randomised, the
 classification prior raised so that detections pass the thresholds). Recorded on the fixture
 images: the head outputs (eval), the final results (eval) and the training losses (train mode,
 same weights, same batch).
@@ -33,16 +34,19 @@ REFERENCES = {
     "adelaidet-fcos": "AdelaiDet FCOS R_50_1x (configs/FCOS-Detection/R_50_1x.yaml)",
     "adelaidet-meinst": "AdelaiDet MEInst R_50_1x without DCN "
                         "(configs/MEInst-InstanceSegmentation/MEInst_R_50_1x_none.yaml)",
+    "adelaidet-solov2": "AdelaiDet SOLOv2 R50_3x (configs/SOLOv2/R50_3x.yaml)",
 }
 
 REFERENCE_CONFIG = {
     "adelaidet-fcos": "configs/FCOS-Detection/R_50_1x.yaml",
     "adelaidet-meinst": "configs/MEInst-InstanceSegmentation/MEInst_R_50_1x_none.yaml",
+    "adelaidet-solov2": "configs/SOLOv2/R50_3x.yaml",
 }
 
 D2SEG_CONFIG = {
     "adelaidet-fcos": "configs/FCOS/R_50_1x.yaml",
     "adelaidet-meinst": "configs/MEInst/MEInst_R_50_1x.yaml",
+    "adelaidet-solov2": "configs/SOLO/SOLOv2_R_50_3x.yaml",
 }
 
 # Width overrides valid for both AdelaiDet's and d2seg's configs (R-50 layout, narrow).
@@ -62,17 +66,31 @@ NARROW_FOR = {
         ("MODEL.RESNETS.WIDTH_PER_GROUP", 2),
         ("MODEL.FPN.OUT_CHANNELS", 32),
     ],
+    # d2seg's names; AdelaiDet's are MODEL.SOLOV2.* with the same leaves (see _opts)
+    "adelaidet-solov2": [
+        ("MODEL.RESNETS.STEM_OUT_CHANNELS", 8),
+        ("MODEL.RESNETS.RES2_OUT_CHANNELS", 8),
+        ("MODEL.RESNETS.WIDTH_PER_GROUP", 2),
+        ("MODEL.FPN.OUT_CHANNELS", 32),
+        ("MODEL.SOLO.INSTANCE_IN_CHANNELS", 32),
+        ("MODEL.SOLO.INSTANCE_CHANNELS", 32),
+        ("MODEL.SOLO.MASK_IN_CHANNELS", 32),
+        ("MODEL.SOLO.MASK_CHANNELS", 32),
+        ("MODEL.SOLO.NUM_MASKS", 32),
+        ("MODEL.SOLO.NUM_KERNELS", 32),
+    ],
 }
 
 # Mask models: every weight is rounded to a bfloat16 value (the reference runs in float32 with
 # those values) and stored as bfloat16: exact, half the size.
-BFLOAT16_WEIGHTS = {"adelaidet-meinst"}
+BFLOAT16_WEIGHTS = {"adelaidet-meinst", "adelaidet-solov2"}
 
 CLASS_BIAS = -2.0  # replaces the focal prior bias (-4.6): some scores pass 0.05, not all
 # mask models: smaller images (the fixture stays small)
 IMAGE_SIZES = {"adelaidet-meinst": ((80, 96), (64, 80))}
+SOLOV2_CATE_BIAS = -2.8
 # mask models: fewer detections (the fixture stores every mask at full image size)
-CLASS_BIAS_MASKS = {"adelaidet-meinst": -3.28}
+CLASS_BIAS_MASKS = {"adelaidet-meinst": -3.28, "adelaidet-solov2": SOLOV2_CATE_BIAS}
 BOX_BIAS = 4.0  # box regression bias (distances ~4 strides): boxes leave the image, and NMS
 # of clipped vs unclipped boxes differs on the fixture (96 vs 95 detections on image 0)
 
@@ -167,9 +185,12 @@ def patch_meinst_iou_loss(gen):
                     "(MEInst at HEAD passes boxes to IOULoss, which takes IoUs since FCOS's change)")
 
 
-def _opts(name: str):
+def _opts(name: str, reference: bool = False):
+    """The width overrides as [KEY, VALUE, ...], d2seg's key names (``reference``: AdelaiDet's)."""
     out = []
     for k, v in NARROW_FOR.get(name, NARROW):
+        if reference and k.startswith("MODEL.SOLO."):
+            k = "MODEL.SOLOV2." + k[len("MODEL.SOLO."):]
         out += [k, v]
     return out
 
@@ -181,7 +202,7 @@ def _build(name: str, checkout: str, seed: int, extra_opts=()):
 
     cfg = get_cfg()
     cfg.merge_from_file(f"{checkout}/{REFERENCE_CONFIG[name]}")
-    cfg.merge_from_list(_opts(name))
+    cfg.merge_from_list(_opts(name, reference=True))
     cfg.merge_from_list(list(extra_opts))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
@@ -190,7 +211,7 @@ def _build(name: str, checkout: str, seed: int, extra_opts=()):
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for k, p in model.named_parameters():
-            if k.endswith("cls_logits.bias"):
+            if k.endswith(("cls_logits.bias", "cate_pred.bias")):
                 p.fill_(CLASS_BIAS_MASKS.get(name, CLASS_BIAS))
             elif k.endswith("bbox_pred.bias"):
                 p.fill_(BOX_BIAS)
@@ -391,9 +412,127 @@ def _meinst_fixture(name: str, checkout: str, seed: int) -> Dict:
     return out
 
 
+# SOLOv2: hand-made ground truth on two 64 x 96 / 64 x 80 images (padded batch 64 x 96), so
+# that each convention of the grid assignment shows in the losses:
+#   image 0, A: rectangle x [4, 50), y [6, 58) (sqrt(area) 48.9: levels 0 and 1). Its centre
+#       of mass is y = 32 with pixel centres at i + 0.5, 31.5 with AdelaiDet's pixel indices:
+#       32 lies on a cell boundary of both levels (64 / 40 * 20, 64 / 36 * 18).
+#   image 1, F (first) inside E (second): their centre regions share cells on level 0; a
+#       shared cell goes to the smaller one (d2seg) or to the later one (AdelaiDet).
+#   edges off the 4-pixel grid everywhere: the stride-4 mask targets differ between area
+#       averaging and AdelaiDet's bilinear resize.
+SOLOV2_SIZES = ((64, 96), (64, 80))
+SOLOV2_OBJECTS = (
+    # (image, kind, x0, y0, x1, y1, class, depth): rectangles [x0, x1) x [y0, y1), ellipses in
+    # that box; an object hides the parts of those with a smaller depth
+    (0, "rect", 4, 6, 50, 58, 3, 0),
+    (0, "ellipse", 59, 11, 81, 29, 17, 1),
+    (0, "rect", 62, 40, 89, 61, 52, 2),
+    (1, "ellipse", 21, 20, 31, 31, 7, 1),
+    (1, "rect", 7, 9, 41, 42, 61, 0),
+    (1, "ellipse", 50, 35, 69, 50, 29, 2),
+)
+# SOLOv2's head outputs are too large to store whole (80 x 4176 category logits per image):
+# stored are the first HEAD_CHANNELS channels of every cell and HEAD_PROJECTIONS random
+# projections over all channels (the test projects d2seg's outputs with the same vectors).
+HEAD_CHANNELS = 4
+HEAD_PROJECTIONS = 2
+
+
+def _solov2_inputs(seed: int) -> List[Dict]:
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    out = []
+    for n, (h, w) in enumerate(SOLOV2_SIZES):
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        img = np.stack([60 + 40 * np.sin(xx / 7 + c) + 30 * np.cos(yy / 11 - c) for c in range(3)])
+        img += rng.uniform(-10, 10, size=img.shape)
+        objs = [o for o in SOLOV2_OBJECTS if o[0] == n]
+        masks, labels = [], []
+        for (_, kind, x0, y0, x1, y1, cls, _) in objs:
+            if kind == "rect":
+                m = (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
+            else:
+                cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+                m = ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2 <= 1
+            masks.append(m)
+            labels.append(cls)
+        visible = []
+        for k, m in enumerate(masks):
+            for j, other in enumerate(masks):
+                if objs[j][7] > objs[k][7]:
+                    m = m & ~other
+            visible.append(m)
+        masks = visible
+        for k in sorted(range(len(objs)), key=lambda k: objs[k][7]):
+            m = masks[k]
+            img[:, m] = rng.uniform(0, 255, size=(3, 1)) + rng.uniform(-8, 8, size=(3, int(m.sum())))
+        masks = np.stack(masks)
+        boxes = []
+        for m in masks:
+            ys, xs = np.nonzero(m)
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        out.append({
+            "image": torch.from_numpy(np.clip(img, 0, 255).round().astype(np.uint8)),
+            "height": h, "width": w,
+            "instances": {"gt_boxes": torch.tensor(boxes, dtype=torch.float32),
+                          "gt_classes": torch.tensor(labels, dtype=torch.int64),
+                          "gt_masks": torch.from_numpy(masks)},
+        })
+    return out
+
+
+def head_summary(maps: List[torch.Tensor], projections: torch.Tensor) -> Dict[str, List[torch.Tensor]]:
+    """Per level (N, C, S, S) -> {"channels": (N, HEAD_CHANNELS, S, S), "projections":
+    (N, HEAD_PROJECTIONS, S, S) = sum_c projections[k, c] * x[:, c]} (float64 sums)."""
+    return {"channels": [m[:, :HEAD_CHANNELS].detach().clone() for m in maps],
+            "projections": [torch.einsum("nchw,kc->nkhw", m.detach().double(), projections.double())
+                            for m in maps]}
+
+
+def _solov2_fixture(name: str, checkout: str, seed: int) -> Dict:
+    from detectron2.utils.events import EventStorage
+
+    cfg, model = _build(name, checkout, seed)
+    inputs = _solov2_inputs(seed)
+    g = torch.Generator().manual_seed(seed + 4)
+    proj_cate = torch.randn(HEAD_PROJECTIONS, cfg.MODEL.SOLOV2.NUM_CLASSES, generator=g)
+    proj_kernel = torch.randn(HEAD_PROJECTIONS, cfg.MODEL.SOLOV2.NUM_KERNELS, generator=g)
+    seen = {}
+    h1 = model.ins_head.register_forward_hook(lambda m, a, out: seen.update(ins=out))
+    h2 = model.mask_head.register_forward_hook(lambda m, a, out: seen.update(mask=out))
+    model.eval()
+    with torch.no_grad():
+        results = model(to_detectron2_inputs(inputs))
+    h1.remove()
+    h2.remove()
+    cate, kernel = seen["ins"]
+    head_out = {"cate_pred": head_summary(cate, proj_cate), "kernel_pred": head_summary(kernel, proj_kernel),
+                "mask_feat": seen["mask"].detach().clone(),
+                "proj_cate": proj_cate, "proj_kernel": proj_kernel}
+    results = [instances_to_dict(r["instances"]) for r in results]
+    for r in results:
+        r.pop("pred_boxes", None)  # AdelaiDet's SOLOv2 returns zero boxes
+    model.train()
+    with EventStorage():
+        losses = model(to_detectron2_inputs(inputs))
+    losses = {k: v.detach() for k, v in losses.items()}
+    return _fixture_dict(
+        name, seed, model, inputs, head_out, results, losses,
+        "Weights: bfloat16 values, stored as bfloat16 (the reference ran in float32 with the same "
+        "values). Head outputs, per level: cate_pred (category logits) and kernel_pred (dynamic "
+        f"kernels), each as its first {HEAD_CHANNELS} channels and {HEAD_PROJECTIONS} random "
+        "projections over all channels (vectors proj_cate, proj_kernel); mask_feat, the unified "
+        "mask feature. Results without boxes (AdelaiDet returns zeros). Ground truth hand-made "
+        "(SOLOV2_OBJECTS): a centre of mass on a cell boundary, two instances sharing cells, "
+        "edges off the 4-pixel grid.")
+
+
 BUILDERS = {
     "adelaidet-fcos": _fcos_fixture,
     "adelaidet-meinst": _meinst_fixture,
+    "adelaidet-solov2": _solov2_fixture,
 }
 
 

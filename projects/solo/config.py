@@ -23,6 +23,18 @@ def add_solo_config(cfg):
     _C.NUM_GRIDS = [40, 36, 24, 16, 12]
     # Center region: the box scaled by SIGMA around the mask's center of mass (epsilon).
     _C.SIGMA = 0.2
+    # How an instance's center and cells are computed: "pixel_centers" (center of mass with
+    # pixel i at i + 0.5, cell = int(c / size * S)) or "adelaidet" (AdelaiDet's SOLOv2: pixel
+    # i at i, i.e. half a pixel up and left, and cell = (c / size) // (1 / S) in float32).
+    # The published SOLOv2 configs take "adelaidet" (docs/solo.md, "Parity with the reference").
+    _C.CENTER_CONVENTION = "pixel_centers"
+    # Two instances of a level claiming the same cell: "smaller" (the smaller one owns it) or
+    # "later" (AdelaiDet: the later annotation's category; each claimant keeps its mask
+    # target, so the cell is trained towards both masks).
+    _C.CELL_CONFLICT = "smaller"
+    # Mask targets at the mask output size: "area" (area average of the padded mask, soft) or
+    # "bilinear" (AdelaiDet: OpenCV bilinear resize of the unpadded mask on uint8, {0, 1}).
+    _C.MASK_TARGET_DOWNSAMPLE = "area"
     _C.NUM_CLASSES = 80
     # ---- instance (category + mask / kernel) branch ----
     _C.INSTANCE_IN_CHANNELS = 256

@@ -27,7 +27,14 @@ from .heads import DecoupledSOLOInsHead, SOLOInsHead, SOLOv2InsHead, SOLOv2MaskH
 from .inference import InferenceParams, empty_instances, point_nms, postprocess_candidates
 from .kernels import dynamic_kernel_product
 from .losses import category_focal_loss, dice_loss
-from .targets import assign_grid_targets, flatten_cate_labels, mask_targets_at
+from .targets import (
+    CELL_CONFLICTS,
+    CENTER_CONVENTIONS,
+    TARGET_DOWNSAMPLES,
+    assign_grid_targets,
+    flatten_cate_labels,
+    mask_targets_at,
+)
 
 __all__ = ["SOLOBase", "SOLO", "DecoupledSOLO", "SOLOv2"]
 
@@ -53,6 +60,9 @@ class SOLOBase(nn.Module):
         focal_gamma: float = 2.0,
         focal_weight: float = 1.0,
         dice_weight: float = 3.0,
+        center_convention: str = "pixel_centers",
+        cell_conflict: str = "smaller",
+        mask_target_downsample: str = "area",
         inference_params: InferenceParams = InferenceParams(),
         pixel_mean,
         pixel_std,
@@ -74,6 +84,14 @@ class SOLOBase(nn.Module):
         self.num_classes = num_classes
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.focal_weight, self.dice_weight = focal_weight, dice_weight
+        for key, v, allowed in (("CENTER_CONVENTION", center_convention, CENTER_CONVENTIONS),
+                                ("CELL_CONFLICT", cell_conflict, CELL_CONFLICTS),
+                                ("MASK_TARGET_DOWNSAMPLE", mask_target_downsample, TARGET_DOWNSAMPLES)):
+            if v not in allowed:
+                raise ValueError(f"MODEL.SOLO.{key} must be one of {allowed}, got {v!r}")
+        self.center_convention = center_convention
+        self.cell_conflict = cell_conflict
+        self.mask_target_downsample = mask_target_downsample
         self.inference_params = inference_params
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -100,6 +118,9 @@ class SOLOBase(nn.Module):
             "focal_gamma": c.LOSS.FOCAL_GAMMA,
             "focal_weight": c.LOSS.FOCAL_WEIGHT,
             "dice_weight": c.LOSS.DICE_WEIGHT,
+            "center_convention": c.CENTER_CONVENTION,
+            "cell_conflict": c.CELL_CONFLICT,
+            "mask_target_downsample": c.MASK_TARGET_DOWNSAMPLE,
             "inference_params": InferenceParams(
                 score_thr=c.SCORE_THR, mask_thr=c.MASK_THR, nms_pre=c.NMS_PRE,
                 max_per_img=c.MAX_PER_IMG, nms_type=c.NMS_TYPE, nms_iou_thr=c.NMS_IOU_THR,
@@ -175,8 +196,10 @@ class SOLOBase(nn.Module):
                 raise ValueError(f"image {i}: SOLO needs gt_masks (set INPUT.MASK_FORMAT and "
                                  f"MODEL.MASK_ON)")
         targets = assign_grid_targets(gt_instances, padded_size, self.num_grids,
-                                      self.scale_ranges, self.sigma, self.num_classes)
-        num_pos = sum(len(t.pos_img) for t in targets)
+                                      self.scale_ranges, self.sigma, self.num_classes,
+                                      self.center_convention, self.cell_conflict)
+        # positive cells (with CELL_CONFLICT "later" a cell can have several mask targets)
+        num_pos = sum(int((t.cate_labels != self.num_classes).sum()) for t in targets)
         logits = torch.cat([p.permute(0, 2, 3, 1).reshape(-1, self.num_classes)
                             for p in cate_preds])
         loss_cate = self.focal_weight * category_focal_loss(
@@ -188,7 +211,7 @@ class SOLOBase(nn.Module):
                 continue
             probs = self.level_mask_probs(mask_state, lvl, t.pos_img, t.pos_cell)
             target = mask_targets_at(gt_instances, padded_size, tuple(probs.shape[-2:]),
-                                     t.pos_img, t.pos_gt)
+                                     t.pos_img, t.pos_gt, self.mask_target_downsample)
             dice.append(dice_loss(probs, target))
         if dice:
             loss_mask = self.dice_weight * torch.cat(dice).mean()
