@@ -156,9 +156,11 @@ def meinst_encoding_file(fx, directory):
     return path
 
 
-@pytest.fixture(scope="module")
-def meinst(tmp_path_factory):
-    fx = load_fixture("adelaidet_meinst.pt")
+# MEInst_R_50_1x_none (no DCN) and MEInst_R_50_1x (DCNv1 in the last layer of the cls, box
+# and mask towers; d2seg's converter turns it into an equivalent DCNv2)
+@pytest.fixture(scope="module", params=["adelaidet_meinst.pt", "adelaidet_meinst_dcn.pt"])
+def meinst(request, tmp_path_factory):
+    fx = load_fixture(request.param)
     path = meinst_encoding_file(fx, tmp_path_factory.mktemp("meinst"))
     return fx, build_d2seg(fx, ["MODEL.MEINST.PATH_COMPONENTS", path])
 

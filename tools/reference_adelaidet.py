@@ -2,6 +2,7 @@
 
     python tools/reference_fixtures.py --reference adelaidet-fcos --checkout /path/to/AdelaiDet
     python tools/reference_fixtures.py --reference adelaidet-meinst --checkout /path/to/AdelaiDet
+    python tools/reference_fixtures.py --reference adelaidet-meinst-dcn --checkout /path/to/AdelaiDet
     python tools/reference_fixtures.py --reference adelaidet-solov2 --checkout /path/to/AdelaiDet
 
 AdelaiDet on CPU without its compiled part. ``adet._C`` (BezierAlign, DefROIAlign: CUDA/C++
@@ -10,8 +11,10 @@ whose functions raise; none of the references built here calls them (they serve 
 the deformable RoI align of other methods). ``skimage`` (imported by CondInst for BoxInst's
 LAB colour similarity, unused with full mask supervision) is stubbed the same way when it is
 not installed. :func:`stub_report` says what was stubbed; the fixture's "notes" record it.
-No CUDA-only op lies on the FCOS, MEInst (without DCN) or SOLOv2 paths, so nothing is replaced
-by a CPU equivalent. MEInst at AdelaiDet's HEAD needs two patches (:func:`patch_meinst_layout`,
+No CUDA-only op lies on the FCOS, MEInst (without DCN) or SOLOv2 paths. MEInst with DCN uses
+Detectron2's DeformConv, which needs ``detectron2._C``: :func:`install_cpu_deform_conv` replaces
+it with an exact CPU equivalent (torchvision's ``deform_conv2d``, what Detectron2 itself calls
+on CPU), and the fixture's notes say so. MEInst at AdelaiDet's HEAD needs two patches (:func:`patch_meinst_layout`,
 :func:`patch_meinst_iou_loss`; recorded in the notes too), and its random clamp of the training
 targets is replayed from recorded draws (:class:`_RecordedRandLike`).
 
@@ -35,18 +38,22 @@ REFERENCES = {
     "adelaidet-meinst": "AdelaiDet MEInst R_50_1x without DCN "
                         "(configs/MEInst-InstanceSegmentation/MEInst_R_50_1x_none.yaml)",
     "adelaidet-solov2": "AdelaiDet SOLOv2 R50_3x (configs/SOLOv2/R50_3x.yaml)",
+    "adelaidet-meinst-dcn": "AdelaiDet MEInst R_50_1x with DCNv1 in the towers' last layers "
+                            "(configs/MEInst-InstanceSegmentation/MEInst_R_50_1x.yaml)",
 }
 
 REFERENCE_CONFIG = {
     "adelaidet-fcos": "configs/FCOS-Detection/R_50_1x.yaml",
     "adelaidet-meinst": "configs/MEInst-InstanceSegmentation/MEInst_R_50_1x_none.yaml",
     "adelaidet-solov2": "configs/SOLOv2/R50_3x.yaml",
+    "adelaidet-meinst-dcn": "configs/MEInst-InstanceSegmentation/MEInst_R_50_1x.yaml",
 }
 
 D2SEG_CONFIG = {
     "adelaidet-fcos": "configs/FCOS/R_50_1x.yaml",
     "adelaidet-meinst": "configs/MEInst/MEInst_R_50_1x.yaml",
     "adelaidet-solov2": "configs/SOLO/SOLOv2_R_50_3x.yaml",
+    "adelaidet-meinst-dcn": "configs/MEInst/MEInst_R_50_1x_dcn.yaml",
 }
 
 # Width overrides valid for both AdelaiDet's and d2seg's configs (R-50 layout, narrow).
@@ -61,6 +68,12 @@ NARROW = [
 # so that the fixture stays under 1.5 MB. FPN channels stay 32 (GroupNorm with 32 groups).
 NARROW_FOR = {
     "adelaidet-meinst": [
+        ("MODEL.RESNETS.STEM_OUT_CHANNELS", 8),
+        ("MODEL.RESNETS.RES2_OUT_CHANNELS", 8),
+        ("MODEL.RESNETS.WIDTH_PER_GROUP", 2),
+        ("MODEL.FPN.OUT_CHANNELS", 32),
+    ],
+    "adelaidet-meinst-dcn": [
         ("MODEL.RESNETS.STEM_OUT_CHANNELS", 8),
         ("MODEL.RESNETS.RES2_OUT_CHANNELS", 8),
         ("MODEL.RESNETS.WIDTH_PER_GROUP", 2),
@@ -83,14 +96,16 @@ NARROW_FOR = {
 
 # Mask models: every weight is rounded to a bfloat16 value (the reference runs in float32 with
 # those values) and stored as bfloat16: exact, half the size.
-BFLOAT16_WEIGHTS = {"adelaidet-meinst", "adelaidet-solov2"}
+BFLOAT16_WEIGHTS = {"adelaidet-meinst", "adelaidet-meinst-dcn", "adelaidet-solov2"}
 
 CLASS_BIAS = -2.0  # replaces the focal prior bias (-4.6): some scores pass 0.05, not all
 # mask models: smaller images (the fixture stays small)
-IMAGE_SIZES = {"adelaidet-meinst": ((80, 96), (64, 80))}
+IMAGE_SIZES = {"adelaidet-meinst": ((80, 96), (64, 80)), "adelaidet-meinst-dcn": ((80, 96), (64, 80))}
 SOLOV2_CATE_BIAS = -2.8
+MEINST_DCN_CLASS_BIAS = -3.31
 # mask models: fewer detections (the fixture stores every mask at full image size)
-CLASS_BIAS_MASKS = {"adelaidet-meinst": -3.28, "adelaidet-solov2": SOLOV2_CATE_BIAS}
+CLASS_BIAS_MASKS = {"adelaidet-meinst": -3.28, "adelaidet-meinst-dcn": MEINST_DCN_CLASS_BIAS,
+                    "adelaidet-solov2": SOLOV2_CATE_BIAS}
 BOX_BIAS = 4.0  # box regression bias (distances ~4 strides): boxes leave the image, and NMS
 # of clipped vs unclipped boxes differs on the fixture (96 vs 95 detections on image 0)
 
@@ -142,6 +157,50 @@ def install_stubs(checkout: str):
 
 
 _PATCHED: List[str] = []
+
+
+def install_cpu_deform_conv():
+    """Detectron2's ``DeformConv`` (DCNv1, what AdelaiDet's DFConv2d builds by default) needs
+    ``detectron2._C``, which this Detectron2 lacks, and then becomes a class that raises. It is
+    replaced by an exact CPU equivalent: the same parameter (``weight``, no bias) and, in
+    ``forward``, torchvision's ``deform_conv2d`` -- which is what Detectron2's own DeformConv
+    calls on CPU. Only deformable_groups = groups = 1 (AdelaiDet's MEInst) is supported."""
+    import math
+
+    import detectron2.layers.deform_conv as d2dc
+    from torch import nn
+    from torch.nn.modules.utils import _pair
+    from torchvision.ops import deform_conv2d
+
+    if d2dc.DeformConv.__dict__.get("_d2seg_cpu", False):
+        return
+
+    class DeformConv(nn.Module):
+        _d2seg_cpu = True
+
+        def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                     groups=1, deformable_groups=1, bias=False, norm=None, activation=None):
+            super().__init__()
+            if bias or groups != 1 or deformable_groups != 1:
+                raise NotImplementedError("CPU DeformConv stand-in: bias=False, groups=1, deformable_groups=1")
+            self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+            self.norm, self.activation = norm, activation
+            self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *_pair(kernel_size)))
+            self.bias = None
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+        def forward(self, x, offset):
+            x = deform_conv2d(x, offset, self.weight, stride=self.stride, padding=self.padding,
+                              dilation=self.dilation)
+            if self.norm is not None:
+                x = self.norm(x)
+            if self.activation is not None:
+                x = self.activation(x)
+            return x
+
+    d2dc.DeformConv = DeformConv
+    _PATCHED.append("detectron2.layers.deform_conv.DeformConv (needs detectron2._C) replaced by an exact "
+                    "CPU equivalent: torchvision.ops.deform_conv2d, as Detectron2's DeformConv runs on CPU")
 
 
 def patch_meinst_layout():
@@ -357,6 +416,8 @@ def _meinst_fixture(name: str, checkout: str, seed: int) -> Dict:
     # values in proposal_generator.mask_encoding.*; here a random encoding, written to a
     # temporary file for training and set in the state dict for inference.
     comps, var, mean = _random_meinst_encoding(seed, 60, 28)
+    if name == "adelaidet-meinst-dcn":
+        install_cpu_deform_conv()
     tmp = tempfile.mkdtemp()
     try:
         path = os.path.join(tmp, "encoding.npz")
@@ -532,6 +593,7 @@ def _solov2_fixture(name: str, checkout: str, seed: int) -> Dict:
 BUILDERS = {
     "adelaidet-fcos": _fcos_fixture,
     "adelaidet-meinst": _meinst_fixture,
+    "adelaidet-meinst-dcn": _meinst_fixture,
     "adelaidet-solov2": _solov2_fixture,
 }
 
