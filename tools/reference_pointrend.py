@@ -95,21 +95,38 @@ def _randomise(model, seed):
     return g
 
 
+def build_reference_model(name: str, checkout: str, seed: int, opts_=None):
+    """Detectron2's PointRend model of ``name`` plus ``opts_`` ([KEY, VALUE, ...]; default the
+    narrowing of the fixtures, ``[]`` for the published widths), random weights from the seed,
+    the instance model's gains applied (see the fixture's notes). Call inside
+    ``on_path(f"{checkout}/projects/PointRend")``. -> (cfg, model)."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+    from point_rend import add_pointrend_config
+
+    cfg = get_cfg()
+    add_pointrend_config(cfg)
+    cfg.merge_from_file(f"{checkout}/{CONFIGS[name][0]}")
+    cfg.merge_from_list(opts(name, "reference") if opts_ is None else list(opts_))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    seed_all(seed)
+    model = build_model(cfg)
+    _randomise(model, seed)
+    if name != "pointrend-semantic":
+        with torch.no_grad():
+            # some boxes survive the 0.05 score threshold, a few per class
+            model.roi_heads.box_predictor.cls_score.weight.mul_(BOX_SCORE_GAIN)
+            model.roi_heads.mask_head.coarse_head.prediction.weight.mul_(MASK_GAIN)
+            # masks that are neither empty nor full: point logits of both signs
+            model.roi_heads.mask_head.point_head.predictor.weight.mul_(POINT_GAIN)
+            model.roi_heads.mask_head.point_head.predictor.bias.add_(POINT_BIAS)
+    return cfg, model
+
+
 def build_fixture(name: str, checkout: str, seed: int) -> Dict:
     with on_path(f"{checkout}/projects/PointRend"):
-        from detectron2.config import get_cfg
-        from detectron2.modeling import build_model
-        from point_rend import add_pointrend_config
-
-        cfg = get_cfg()
-        add_pointrend_config(cfg)
-        cfg.merge_from_file(f"{checkout}/{CONFIGS[name][0]}")
-        cfg.merge_from_list(opts(name, "reference"))
-        cfg.MODEL.DEVICE = "cpu"
-        cfg.MODEL.WEIGHTS = ""
-        seed_all(seed)
-        model = build_model(cfg)
-        g = _randomise(model, seed)
+        cfg, model = build_reference_model(name, checkout, seed)
         semantic = name == "pointrend-semantic"
         head = {}
         hooks = []
@@ -126,13 +143,6 @@ def build_fixture(name: str, checkout: str, seed: int) -> Dict:
             hooks.append(model.sem_seg_head.coarse_sem_seg_head.predictor.register_forward_hook(
                 lambda _m, _i, out: head.__setitem__("coarse_sem_seg", out.detach().clone())))
         else:
-            with torch.no_grad():
-                # some boxes survive the 0.05 score threshold, a few per class
-                model.roi_heads.box_predictor.cls_score.weight.mul_(BOX_SCORE_GAIN)
-                model.roi_heads.mask_head.coarse_head.prediction.weight.mul_(MASK_GAIN)
-                # masks that are neither empty nor full: point logits of both signs
-                model.roi_heads.mask_head.point_head.predictor.weight.mul_(POINT_GAIN)
-                model.roi_heads.mask_head.point_head.predictor.bias.add_(POINT_BIAS)
             inputs = synthetic_images(seed, num_classes=8)
 
             def box_hook(_m, _i, out):

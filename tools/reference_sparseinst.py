@@ -67,48 +67,56 @@ def _stub_timm():
     return True
 
 
+def build_reference_model(checkout: str, seed: int, opts=None):
+    """hustvl's model from its R-50 G-IAM config plus ``opts`` ([KEY, VALUE, ...]; default the
+    narrowing of the fixtures, ``[]`` for the published widths), random weights from the seed
+    (randomised as the module doc says). Call inside ``on_path(checkout)``. -> (cfg, model)."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+    from sparseinst import add_sparse_inst_config
+
+    cfg = get_cfg()
+    add_sparse_inst_config(cfg)
+    cfg.merge_from_file(f"{checkout}/configs/sparse_inst_r50_giam.yaml")
+    cfg.merge_from_list(_opts() if opts is None else list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+
+    seed_all(seed)
+    model = build_model(cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        # random (not zero) weights everywhere the init left constants, and biases that make
+        # predictions confident enough to pass the thresholds
+        for k, p in model.named_parameters():
+            if k.endswith(".bias") and p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        for k, b in model.named_buffers():
+            # FrozenBN statistics and affine: keep activations of order 1 through the ResNet
+            if k.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) * 0.5 + 0.75)
+            elif k.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+            elif k.startswith("backbone") and k.endswith(".weight"):
+                b.copy_(torch.rand(b.shape, generator=g) * 0.3 + 0.2)
+            elif k.startswith("backbone") and k.endswith(".bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+        # the prediction layers start near zero (std 0.01): every instance would be the same
+        ib = model.decoder.inst_branch
+        for layer, gain in ((ib.iam_conv, 3.0), (ib.cls_score, 2.0), (ib.mask_kernel, 6.0),
+                            (ib.objectness, 2.0)):
+            fan_in = layer.weight[0].numel()
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * gain / fan_in ** 0.5)
+        ib.mask_kernel.bias.copy_(torch.randn(ib.mask_kernel.bias.shape, generator=g))
+        model.decoder.inst_branch.cls_score.bias.add_(CLASS_BIAS)
+        model.decoder.inst_branch.objectness.bias.add_(OBJECTNESS_BIAS)
+    return cfg, model
+
+
 def build_fixture(name: str, checkout: str, seed: int) -> Dict:
     stubbed = _stub_timm()
     with on_path(checkout):
-        from detectron2.config import get_cfg
-        from sparseinst import add_sparse_inst_config
-
-        cfg = get_cfg()
-        add_sparse_inst_config(cfg)
-        cfg.merge_from_file(f"{checkout}/configs/sparse_inst_r50_giam.yaml")
-        cfg.merge_from_list(_opts())
-        cfg.MODEL.DEVICE = "cpu"
-        cfg.MODEL.WEIGHTS = ""
-        from detectron2.modeling import build_model
-
-        seed_all(seed)
-        model = build_model(cfg)
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            # random (not zero) weights everywhere the init left constants, and biases that make
-            # predictions confident enough to pass the thresholds
-            for k, p in model.named_parameters():
-                if k.endswith(".bias") and p.abs().sum() == 0:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-            for k, b in model.named_buffers():
-                # FrozenBN statistics and affine: keep activations of order 1 through the ResNet
-                if k.endswith("running_var"):
-                    b.copy_(torch.rand(b.shape, generator=g) * 0.5 + 0.75)
-                elif k.endswith("running_mean"):
-                    b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-                elif k.startswith("backbone") and k.endswith(".weight"):
-                    b.copy_(torch.rand(b.shape, generator=g) * 0.3 + 0.2)
-                elif k.startswith("backbone") and k.endswith(".bias"):
-                    b.copy_(torch.randn(b.shape, generator=g) * 0.05)
-            # the prediction layers start near zero (std 0.01): every instance would be the same
-            ib = model.decoder.inst_branch
-            for layer, gain in ((ib.iam_conv, 3.0), (ib.cls_score, 2.0), (ib.mask_kernel, 6.0),
-                                (ib.objectness, 2.0)):
-                fan_in = layer.weight[0].numel()
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * gain / fan_in ** 0.5)
-            ib.mask_kernel.bias.copy_(torch.randn(ib.mask_kernel.bias.shape, generator=g))
-            model.decoder.inst_branch.cls_score.bias.add_(CLASS_BIAS)
-            model.decoder.inst_branch.objectness.bias.add_(OBJECTNESS_BIAS)
+        cfg, model = build_reference_model(checkout, seed)
 
         inputs = synthetic_images(seed, num_classes=cfg.MODEL.SPARSE_INST.DECODER.NUM_CLASSES)
         # images are RGB (INPUT.FORMAT "RGB"); synthetic_images' channel order is arbitrary

@@ -21,6 +21,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.structures import ImageList, Instances
 
+from d2seg.layers import conv2d_at_locations, supports_conv2d_at_locations
+
 from .head import FCOSHead
 from .inference import fcos_inference_single_image
 from .losses import FCOSLoss
@@ -61,7 +63,9 @@ class FCOSOutputs:
     Per level (lists of L tensors):
         logits (N, K, Hl, Wl), bbox_reg (N, 4, Hl, Wl) (distances / stride),
         ctrness (N, 1, Hl, Wl), locations (Hl * Wl, 2) (x, y) in input pixels,
-        top_feats (N, D, Hl, Wl) or None, cls_towers / bbox_towers (N, C, Hl, Wl) or None.
+        top_feats (N, D, Hl, Wl) or None (also None at inference when the top_module is a
+            plain convolution: it is then evaluated at the detections only),
+        cls_towers / bbox_towers (N, C, Hl, Wl) or None.
     strides: L ints.
     image_sizes: N (h, w) of the unpadded inputs.
 
@@ -247,7 +251,12 @@ class FCOS(nn.Module):
             :class:`FCOSOutputs` (losses and positives in training, detections at test).
         """
         feats = [features[name] for name in self.in_features]
-        head_out = self.fcos_head(feats, top_module=top_module, yield_towers=self.yield_towers)
+        # At inference a plain convolution as top_module runs only at the final detections
+        # (their top_feats are all that is used), not on every location of every level.
+        top_at_detections = (not self.training and top_module is not None
+                             and supports_conv2d_at_locations(top_module))
+        head_out = self.fcos_head(feats, top_module=None if top_at_detections else top_module,
+                                  yield_towers=self.yield_towers or top_at_detections)
         out = FCOSOutputs(
             logits=head_out.logits,
             bbox_reg=head_out.bbox_reg,
@@ -256,8 +265,8 @@ class FCOS(nn.Module):
             strides=self.strides,
             image_sizes=list(images.image_sizes),
             top_feats=head_out.top_feats,
-            cls_towers=head_out.cls_towers,
-            bbox_towers=head_out.bbox_towers,
+            cls_towers=head_out.cls_towers if self.yield_towers else None,
+            bbox_towers=head_out.bbox_towers if self.yield_towers else None,
         )
         if self.training:
             if gt_instances is None:
@@ -268,6 +277,25 @@ class FCOS(nn.Module):
                     out.detections = self.predict(out, training=True)
         else:
             out.detections = self.predict(out)
+            if top_at_detections:
+                for i, det in enumerate(out.detections):
+                    det.top_feats = self.top_feats_at(top_module, head_out.bbox_towers, i, det)
+        return out
+
+    def top_feats_at(self, top_module: nn.Module, bbox_towers: List[Tensor], image: int,
+                     det: Instances) -> Tensor:
+        """(R, D) ``top_module`` (a convolution, see :func:`supports_conv2d_at_locations`)
+        applied on the box towers at the R detections ``det`` of image ``image`` (its
+        ``fpn_levels`` and ``loc_inds``): the values the full maps hold there."""
+        out = bbox_towers[0].new_empty((len(det), top_module.out_channels))
+        offset = 0
+        for lvl, tower in enumerate(bbox_towers):
+            h, w = tower.shape[-2:]
+            sel = (det.fpn_levels == lvl).nonzero()[:, 0]
+            if sel.numel():
+                idx = det.loc_inds[sel] - offset
+                out[sel] = conv2d_at_locations(top_module, tower[image], idx // w, idx % w)
+            offset += h * w
         return out
 
     def _losses(self, out: FCOSOutputs, gt_instances: List[Instances], batch_hw) -> None:

@@ -8,6 +8,7 @@ from .dynamic_conv import (
     parse_dynamic_params,
 )
 from .extension import axpy, extension_available, load_extension
+from .local_conv import conv2d_at_locations, supports_conv2d_at_locations
 from .point_features import (
     get_uncertain_point_coords_on_grid,
     get_uncertain_point_coords_with_randomness,
@@ -20,6 +21,8 @@ __all__ = [
     "axpy",
     "extension_available",
     "load_extension",
+    "conv2d_at_locations",
+    "supports_conv2d_at_locations",
     "instance_aware_conv",
     "dynamic_mask_head",
     "dynamic_mask_head_num_params",
