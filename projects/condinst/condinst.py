@@ -277,13 +277,21 @@ class CondInstMaskHead(OneStageMaskHead):
     def postprocess(self, result: Instances, output_height: int, output_width: int) -> Instances:
         """Boxes via Detectron2's ``detector_postprocess``; whole-image mask probabilities
         resized bilinearly to the output size and thresholded into ``pred_masks`` (R, H, W)."""
+        if not result.has("pred_global_masks"):
+            return detector_postprocess(result, output_height, output_width)
+        # The (R, 1, h, w) masks stay out of detector_postprocess (its filter of empty boxes
+        # would copy all of them) and are indexed by the rows it keeps, when it drops any.
+        m = result.pred_global_masks
+        result.remove("pred_global_masks")
+        result.postprocess_row = torch.arange(len(result), device=m.device)
         r = detector_postprocess(result, output_height, output_width)
-        if r.has("pred_global_masks"):
-            m = r.pred_global_masks
-            r.remove("pred_global_masks")
-            if len(m):
-                m = F.interpolate(m, size=(output_height, output_width), mode="bilinear", align_corners=False)
-            else:
-                m = m.new_zeros((0, 1, output_height, output_width))
-            r.pred_masks = m[:, 0] > self.mask_threshold
+        rows = r.postprocess_row
+        r.remove("postprocess_row")
+        if len(rows) != len(m):
+            m = m[rows]
+        if len(m) and tuple(m.shape[-2:]) != (output_height, output_width):
+            m = F.interpolate(m, size=(output_height, output_width), mode="bilinear", align_corners=False)
+        elif not len(m):
+            m = m.new_zeros((0, 1, output_height, output_width))
+        r.pred_masks = m[:, 0] > self.mask_threshold
         return r
