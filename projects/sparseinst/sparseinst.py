@@ -46,7 +46,7 @@ def masks_to_boxes(masks: torch.Tensor) -> Boxes:
     y1 = torch.where(rows, ys, big).min(dim=1).values
     y2 = torch.where(rows, ys, -1.0).max(dim=1).values + 1
     boxes = torch.stack([x1, y1, x2, y2], dim=1)
-    return Boxes(boxes * masks.flatten(1).any(dim=1, keepdim=True))
+    return Boxes(boxes * cols.any(dim=1, keepdim=True))
 
 
 @META_ARCH_REGISTRY.register()
@@ -168,8 +168,9 @@ class SparseInst(nn.Module):
                     scores = scores * maskness(m, self.mask_threshold)
                 m = F.interpolate(m[:, None], size=padded_size, mode="bilinear", align_corners=False)
                 m = m[:, :, : image_size[0], : image_size[1]]
-                m = F.interpolate(m, size=(out_h, out_w), mode="bilinear", align_corners=False)[:, 0]
-                binary = m > self.mask_threshold
+                if (out_h, out_w) != tuple(image_size):  # (the same size would copy, unchanged)
+                    m = F.interpolate(m, size=(out_h, out_w), mode="bilinear", align_corners=False)
+                binary = m[:, 0] > self.mask_threshold
             else:
                 binary = torch.zeros(0, out_h, out_w, dtype=torch.bool, device=self.device)
             result.pred_masks = binary

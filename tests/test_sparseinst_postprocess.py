@@ -1,0 +1,21 @@
+"""SparseInst's tight mask boxes against torchvision's masks_to_boxes (an independent
+implementation: inclusive max coordinates, so + 1 here), empty masks giving zeros."""
+import torch
+from torchvision.ops import masks_to_boxes as tv_masks_to_boxes
+
+from d2seg.sparseinst.sparseinst import masks_to_boxes
+
+
+def test_masks_to_boxes():
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(5, 13, 17, generator=g) > 0.97
+    m[2] = False  # empty
+    m[3] = False
+    m[3, 12, 16] = True  # one pixel in the corner
+    boxes = masks_to_boxes(m).tensor
+    nonempty = m.flatten(1).any(1)
+    expected = tv_masks_to_boxes(m[nonempty]) + torch.tensor([0.0, 0.0, 1.0, 1.0])
+    torch.testing.assert_close(boxes[nonempty], expected)
+    assert torch.equal(boxes[2], torch.zeros(4))
+    assert boxes[3].tolist() == [16.0, 12.0, 17.0, 13.0]
+    assert masks_to_boxes(m[:0]).tensor.shape == (0, 4)
