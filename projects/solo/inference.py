@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures import Boxes, Instances
 
+from d2seg.layers.mask_boxes import masks_to_boxes
 from d2seg.layers.matrix_nms import mask_nms, matrix_nms
 
 __all__ = ["InferenceParams", "point_nms", "empty_instances", "postprocess_candidates"]
@@ -113,5 +114,5 @@ def postprocess_candidates(probs, scores, classes, min_areas, params, image_size
     r.pred_masks = masks
     r.scores = scores
     r.pred_classes = classes
-    r.pred_boxes = BitMasks(masks).get_bounding_boxes().to(device)
+    r.pred_boxes = masks_to_boxes(masks)
     return r

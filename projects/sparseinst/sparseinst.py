@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+from detectron2.structures import BitMasks, ImageList, Instances
+
+from d2seg.layers.mask_boxes import masks_to_boxes  # noqa: F401  (also importable from here)
 
 from .decoder import build_sparse_inst_decoder
 from .encoder import build_sparse_inst_encoder
@@ -30,23 +32,6 @@ def maskness(mask_probs: torch.Tensor, threshold: float) -> torch.Tensor:
     """Mean probability inside each binarised mask. (R, H, W) -> (R,)."""
     binary = (mask_probs > threshold).to(mask_probs.dtype)
     return (mask_probs * binary).flatten(1).sum(-1) / (binary.flatten(1).sum(-1) + 1e-6)
-
-
-def masks_to_boxes(masks: torch.Tensor) -> Boxes:
-    """Tight XYXY boxes of binary masks (R, H, W) -> Boxes (R, 4); an empty mask gives zeros."""
-    r, h, w = masks.shape
-    if r == 0:
-        return Boxes(torch.zeros(0, 4, device=masks.device))
-    cols, rows = masks.any(dim=1), masks.any(dim=2)  # (R, W), (R, H)
-    xs = torch.arange(w, device=masks.device, dtype=torch.float32)
-    ys = torch.arange(h, device=masks.device, dtype=torch.float32)
-    big = float(max(h, w))
-    x1 = torch.where(cols, xs, big).min(dim=1).values
-    x2 = torch.where(cols, xs, -1.0).max(dim=1).values + 1
-    y1 = torch.where(rows, ys, big).min(dim=1).values
-    y2 = torch.where(rows, ys, -1.0).max(dim=1).values + 1
-    boxes = torch.stack([x1, y1, x2, y2], dim=1)
-    return Boxes(boxes * cols.any(dim=1, keepdim=True))
 
 
 @META_ARCH_REGISTRY.register()

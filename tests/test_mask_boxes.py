@@ -1,9 +1,12 @@
-"""SparseInst's tight mask boxes against torchvision's masks_to_boxes (an independent
-implementation: inclusive max coordinates, so + 1 here), empty masks giving zeros."""
+"""d2seg.layers.mask_boxes.masks_to_boxes (SOLO's and SparseInst's result boxes) against two
+independent implementations: Detectron2's BitMasks.get_bounding_boxes (a loop over the masks,
+what SOLO used before) and torchvision's masks_to_boxes (inclusive max coordinates, + 1)."""
 import torch
+from detectron2.structures import BitMasks
 from torchvision.ops import masks_to_boxes as tv_masks_to_boxes
 
-from d2seg.sparseinst.sparseinst import masks_to_boxes
+from d2seg.layers.mask_boxes import masks_to_boxes
+from d2seg.sparseinst.sparseinst import masks_to_boxes as sparseinst_masks_to_boxes
 
 
 def test_masks_to_boxes():
@@ -13,9 +16,11 @@ def test_masks_to_boxes():
     m[3] = False
     m[3, 12, 16] = True  # one pixel in the corner
     boxes = masks_to_boxes(m).tensor
+    assert torch.equal(boxes, BitMasks(m).get_bounding_boxes().tensor)
     nonempty = m.flatten(1).any(1)
     expected = tv_masks_to_boxes(m[nonempty]) + torch.tensor([0.0, 0.0, 1.0, 1.0])
     torch.testing.assert_close(boxes[nonempty], expected)
     assert torch.equal(boxes[2], torch.zeros(4))
     assert boxes[3].tolist() == [16.0, 12.0, 17.0, 13.0]
     assert masks_to_boxes(m[:0]).tensor.shape == (0, 4)
+    assert sparseinst_masks_to_boxes is masks_to_boxes
