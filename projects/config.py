@@ -34,6 +34,12 @@ def add_shared_config(cfg):
     # "" picks float16 on CUDA (Detectron2's AMPTrainer) and bfloat16 on CPU (the only
     # reduced dtype CPU autocast trains in without a gradient scaler). See docs/mixed_precision.md.
     cfg.SOLVER.AMP.PRECISION = ""
+    # Inference-only speed-ups that change results by float rounding only (d2seg.layers.
+    # inference_speed): FrozenBN folded into the backbone's convolutions, channels-last
+    # activations. Read by OneStageDetector (FCOS, MEInst, CondInst, BlendMask, PointINS)
+    # and SOLO; Base-FCOS.yaml (COCO) sets True (docs/benchmark.md, "Inference speed-ups
+    # at parity": why not BlendMask and SOLO).
+    cfg.MODEL.FAST_INFERENCE = False
 
 
 def add_d2seg_config(cfg):

@@ -36,6 +36,8 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.registry import Registry
 
+from d2seg.layers.inference_speed import fold_frozen_batchnorm, to_inference_layout
+
 from .fcos import FCOSOutputs
 
 __all__ = [
@@ -124,9 +126,14 @@ class OneStageDetector(nn.Module):
         mask_head: Optional[OneStageMaskHead] = None,
         pixel_mean,
         pixel_std,
+        fast_inference: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
+        # MODEL.FAST_INFERENCE: inference-only speed-ups (d2seg.layers.inference_speed)
+        self.fast_inference = bool(fast_inference)
+        if self.fast_inference:
+            fold_frozen_batchnorm(self.backbone)
         self.proposal_generator = proposal_generator
         self.mask_head = mask_head
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -144,6 +151,7 @@ class OneStageDetector(nn.Module):
             "mask_head": build_one_stage_mask_head(cfg, shapes),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "fast_inference": cfg.MODEL.FAST_INFERENCE,
         }
 
     @property
@@ -168,7 +176,8 @@ class OneStageDetector(nn.Module):
             training: dict of losses; inference: list of {"instances": Instances}.
         """
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
+        x = to_inference_layout(images.tensor, self.training) if self.fast_inference else images.tensor
+        features = self.backbone(x)
         top_module = getattr(self.mask_head, "top_module", None)
         if self.training:
             if any("instances" not in x for x in batched_inputs):

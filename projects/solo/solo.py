@@ -23,6 +23,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 from torch import nn
 
+from d2seg.layers.inference_speed import fold_frozen_batchnorm, to_inference_layout
+
 from .heads import DecoupledSOLOInsHead, SOLOInsHead, SOLOv2InsHead, SOLOv2MaskHead
 from .inference import InferenceParams, empty_instances, point_nms, postprocess_candidates
 from .kernels import dynamic_kernel_product
@@ -66,6 +68,7 @@ class SOLOBase(nn.Module):
         inference_params: InferenceParams = InferenceParams(),
         pixel_mean,
         pixel_std,
+        fast_inference: bool = False,
     ):
         super().__init__()
         n = len(instance_in_features)
@@ -75,6 +78,10 @@ class SOLOBase(nn.Module):
                 raise ValueError(f"MODEL.SOLO.{name} has {len(v)} entries but "
                                  f"INSTANCE_IN_FEATURES has {n}")
         self.backbone = backbone
+        # MODEL.FAST_INFERENCE: inference-only speed-ups (d2seg.layers.inference_speed)
+        self.fast_inference = bool(fast_inference)
+        if self.fast_inference:
+            fold_frozen_batchnorm(self.backbone)
         self.ins_head = ins_head
         self.instance_in_features = list(instance_in_features)
         self.instance_strides = list(instance_strides)
@@ -127,6 +134,7 @@ class SOLOBase(nn.Module):
                 nms_kernel=c.NMS_KERNEL, nms_sigma=c.NMS_SIGMA, update_thr=c.UPDATE_THR),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "fast_inference": cfg.MODEL.FAST_INFERENCE,
         }
 
     @property
@@ -180,7 +188,8 @@ class SOLOBase(nn.Module):
         """
         images = self.preprocess_image(batched_inputs)
         padded_size = tuple(images.tensor.shape[-2:])
-        features = self.backbone(images.tensor)
+        x = to_inference_layout(images.tensor, self.training) if self.fast_inference else images.tensor
+        features = self.backbone(x)
         cate_preds, mask_state = self.predict(features, self.level_features(features, padded_size))
         if self.training:
             if "instances" not in batched_inputs[0]:
