@@ -188,13 +188,16 @@ def build_reference(pair: Dict, checkout: str, seed: int, opts: List, workdir: s
     if pair["checkout"] == "sparseinst":
         import reference_sparseinst as rs
 
-        rs._stub_timm()
+        if "timm" not in sys.modules:  # (stubbed once per process)
+            rs._stub_timm()
         sys.path.insert(0, checkout)
         cfg, model = rs.build_reference_model(checkout, seed, opts)
         return model
     import reference_pointrend as rp
 
     sys.path.insert(0, f"{checkout}/projects/PointRend")
+    if ref == "pointrend-semantic":  # Detectron2's config is R-101; the published R-50 model
+        opts = ["MODEL.RESNETS.DEPTH", 50] + list(opts)
     cfg, model = rp.build_reference_model(ref, checkout, seed, opts)
     return model
 
