@@ -87,3 +87,25 @@ def _builtin_shapes_registrations_restored():
 @pytest.fixture(scope="session")
 def python():
     return sys.executable
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start the fits (tests/fitting.py) that the selected tests need, in the background."""
+    needed = []
+    for item in items:
+        module = getattr(getattr(item, "module", None), "__name__", "")
+        if module in ("test_learning", "test_autocast_models") and hasattr(item, "callspec"):
+            c = item.callspec.params.get("config")
+            if c and c not in needed:
+                needed.append(c)
+    if needed:
+        import fitting
+
+        fitting.prefetch(needed)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop fits nobody will wait for (a run stopped by -x or ^C)."""
+    fitting = sys.modules.get("fitting")
+    if fitting is not None:
+        fitting.shutdown()

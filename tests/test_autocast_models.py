@@ -1,17 +1,17 @@
 """Every shapes config under ``torch.autocast("cpu", dtype=torch.bfloat16)``.
 
-For each config (tiny inputs, see conftest.TINY_SHAPES) the model is first fitted in
-float32 for a few iterations to one fixed batch, so that it returns a few confident,
-well-separated detections (on random weights every score sits near the prior and the
-comparison would only measure ties). Then:
+For each config the model fitted in float32 to a few fixed shapes images by tests/fitting.py
+(the same fit the learning tests evaluate, made once per session) is copied, so that it
+returns confident, well-separated detections (on random weights every score sits near the
+prior and the comparison would only measure ties). Then:
 
 - one training step under autocast (forward, backward, SGD step): finite losses, finite
   gradients and finite parameters after the step;
 - inference in float32 and under autocast on the same images: finite outputs, and
   agreement within the tolerances below (docs/mixed_precision.md states them):
 
-  * instances: each float32 detection scoring at least ``CONFIDENT`` (at most the ten
-    best; there must be one) has an autocast detection of the same class with box IoU
+  * instances: each float32 detection scoring at least ``CONFIDENT`` and covering at
+    least ``MIN_AREA`` pixels (at most the ten best; there must be one) has an autocast detection of the same class with box IoU
     >= ``BOX_IOU``, score within ``SCORE_TOL`` and, for masks, mask IoU >= ``MASK_IOU``;
     at least ``MATCHED`` of them must match (bfloat16 keeps 8 bits of mantissa: a
     detection whose score differs from a neighbour's by less than that can swap places
@@ -19,74 +19,38 @@ comparison would only measure ties). Then:
   * semantic segmentation: the per-pixel argmax agrees on at least ``SEM_AGREE`` of the
     pixels.
 """
-import glob
+import copy
 import os
-import random
 
 import numpy as np
-
 import pytest
 import torch
 from detectron2.structures import pairwise_iou
 from detectron2.utils.events import EventStorage
 
 from conftest import CONFIGS, tiny_opts
+from fitting import SHAPES_CONFIGS, fitted
 
 CONFIDENT = 0.25
 BOX_IOU = 0.8
 SCORE_TOL = 0.05
 MASK_IOU = 0.7
 MATCHED = 0.75
+# detections whose mask (or box) covers fewer pixels are not compared: a one-pixel shift of
+# a 4x4 mask's edge moves its IoU below any useful tolerance
+MIN_AREA = 64
 SEM_AGREE = 0.97
-
-FIT_ITERS = int(os.environ.get("D2SEG_AUTOCAST_FIT_ITERS", "30"))
-
-# Fitting: (learning rate, iterations) where the defaults (SGD at 0.01, or an Adam(W)
-# config's own rate; FIT_ITERS) leave a model without confident detections.
-_FIT = {
-    "quick/mask_rcnn_shapes.yaml": (0.04, FIT_ITERS),
-    "SOLO/solo_shapes.yaml": (0.04, FIT_ITERS),
-    "PointRend/pointrend_rcnn_R18_shapes.yaml": (0.04, FIT_ITERS),
-    "PointRend/pointrend_sparseinst_r18_giam_shapes.yaml": (None, 60),
-}
-
-SHAPES_CONFIGS = sorted(
-    os.path.relpath(p, CONFIGS)
-    for p in glob.glob(os.path.join(CONFIGS, "**", "*shapes*.yaml"), recursive=True)
-    if not os.path.basename(p).startswith("Base-")
-)
-
 
 
 def test_every_shapes_config_is_covered():
     assert len(SHAPES_CONFIGS) >= 16, SHAPES_CONFIGS
 
 
-def _fitted_model(config, tmp_path):
-    from d2seg.data import prepare_datasets
-    from d2seg.engine import Trainer, build_optimizer, setup_cfg
-
-    cfg = setup_cfg(os.path.join(CONFIGS, config), tiny_opts(tmp_path))
-    prepare_datasets(cfg)  # generated once per process: before seeding, not in between
-    torch.manual_seed(0)
-    np.random.seed(0)
-    random.seed(0)
-    model = Trainer.build_model(cfg)
-    batch = next(iter(Trainer.build_train_loader(cfg)))  # the sampler's seed comes from numpy
-    lr, iters = _FIT.get(config, (None, FIT_ITERS))
-    if cfg.SOLVER.OPTIMIZER == "SGD":
-        opt = torch.optim.SGD(model.parameters(), lr=lr or 0.01, momentum=0.9)
-    else:  # the config's Adam(W) and learning rate, without warm-up
-        opt = build_optimizer(cfg, model)
-    model.train()
-    with EventStorage(0):
-        for _ in range(iters):
-            losses = model(batch)
-            opt.zero_grad()
-            sum(losses.values()).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            opt.step()
-    return cfg, model, batch
+def _fitted_model(config):
+    """A copy of the model tests/fitting.py fitted for ``config`` (shared with the learning
+    tests: fitted once per session), its config and its fixed training batch."""
+    fit = fitted(config)
+    return fit.cfg, copy.deepcopy(fit.model), fit.batch
 
 
 def _mask_iou(a, b):
@@ -100,10 +64,11 @@ def compare_instances(ref, out):
     matched to the autocast detection of its class, within ``SCORE_TOL`` of its score, that
     overlaps it most (box IoU, and mask IoU where there are masks; models such as SparseInst
     return near-duplicates that differ only in score)."""
-    conf = (ref.scores >= CONFIDENT).nonzero().flatten()[:10]
+    masks = ref.has("pred_masks")
+    area = ref.pred_masks.flatten(1).sum(1) if masks else ref.pred_boxes.area()
+    conf = ((ref.scores >= CONFIDENT) & (area >= MIN_AREA)).nonzero().flatten()[:10]
     worst = {"box_iou": 1.0, "score": 0.0, "mask_iou": 1.0}
     matched = 0
-    masks = ref.has("pred_masks")
     for i in conf.tolist():
         cand = ((out.pred_classes == ref.pred_classes[i])
                 & ((out.scores.float() - float(ref.scores[i])).abs() <= SCORE_TOL)).nonzero().flatten()
@@ -129,7 +94,7 @@ def _finite_outputs(results):
 
 @pytest.mark.parametrize("config", SHAPES_CONFIGS)
 def test_model_under_bfloat16_autocast(config, tmp_path):
-    cfg, model, batch = _fitted_model(config, tmp_path)
+    cfg, model, batch = _fitted_model(config)
     images = [{"image": b["image"], "height": b["image"].shape[1], "width": b["image"].shape[2]}
               for b in batch]
 

@@ -14,7 +14,7 @@ CONFIGS_PI = {
     "fcos": (os.path.join(CONFIGS, "PointINS", "pointins_fcos_R18_shapes.yaml"), "MODEL__FCOS__INFERENCE_TH_TEST"),
 }
 # Mask R-CNN's mask AP on shapes_val after the common budget (README, configs/quick/mask_rcnn_shapes.yaml).
-YARDSTICK_MASK_AP = 2.47
+YARDSTICK_MASK_AP = 49.8  # seed 42, 2000 iterations (README, "The common CPU budget")
 
 
 @pytest.mark.parametrize("variant", sorted(CONFIGS_PI))
@@ -27,8 +27,11 @@ def test_train_and_coco_evaluation(variant, tmp_path):
     trainer.resume_or_load(resume=False)
     trainer.train()
     results = Trainer.test(cfg, trainer.model)
+    # three iterations learn nothing: this checks the pipeline (the AP bars are in
+    # tests/test_learning.py); COCOEvaluator reported both tasks, per class too
     for task in ("bbox", "segm"):
-        assert 0.0 <= results[task]["AP"] <= 100.0
+        assert {"AP", "AP50", "AP75"} <= set(results[task])
+        assert sum(k.startswith("AP-") for k in results[task]) == 5, sorted(results[task])
     preds = json.load(open(tmp_path / "inference" / "coco_instances_results.json"))
     assert preds and all("segmentation" in p for p in preds)
 
@@ -36,7 +39,7 @@ def test_train_and_coco_evaluation(variant, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(CONFIGS_PI))
 def test_common_budget_reaches_the_yardstick_mask_ap(variant, tmp_path):
-    """The full shapes budget (300 iterations x 4 images, minutes on CPU)."""
+    """The full shapes budget (2000 iterations x 4 images, most of an hour on one CPU thread)."""
     from d2seg.engine import Trainer, setup_cfg
 
     cfg = setup_cfg(CONFIGS_PI[variant][0], ["OUTPUT_DIR", str(tmp_path)])

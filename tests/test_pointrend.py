@@ -590,5 +590,7 @@ def test_semantic_shapes_config_trains_and_reports_miou(tmp_path):
     assert "loss_sem_seg_point" in log
     m = re.search(r"copypaste: mIoU,fwIoU,mACC,pACC\n.*copypaste: ([0-9.]+),", log)
     assert m, log[-3000:]
-    assert 0.0 <= float(m.group(1)) <= 100.0
+    # four iterations learn nothing (the mIoU bar is in tests/test_learning.py): the
+    # evaluator ran on the semantic data and reported every class of it
+    assert len(set(re.findall(r"IoU-(\w+)", log))) == 6, log[-3000:]
     assert (tmp_path / "model_final.pth").exists()

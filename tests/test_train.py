@@ -1,5 +1,5 @@
 """The training/evaluation entry points on the built-in data set: config errors, loss
-decrease, --eval-only through COCOEvaluator, the demo, resume after a kill, atomic
+decrease, --eval-only through COCOEvaluator (reproducing a fitted model's AP), the demo, resume after a kill, atomic
 checkpoints and 2-process (gloo) training."""
 import os
 import re
@@ -94,18 +94,32 @@ def trained(tmp_path_factory):
     return out
 
 
-def test_eval_only_reports_box_and_mask_ap(trained):
+def test_eval_only_reproduces_the_fitted_models_ap(tmp_path):
+    """``train_net.py --eval-only`` on a checkpoint of the yardstick fitted by tests/fitting.py
+    (the fit the learning test evaluates) reports, through COCOEvaluator, the box and mask AP
+    that the in-process evaluation gave, and both clear the learning test's bars."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from fitting import evaluate, fit_opts, fitted, plan_for
+    from test_learning import BARS
+
+    config = "quick/mask_rcnn_shapes.yaml"
+    fit = fitted(config)
+    expected = evaluate(fit)
+    DetectionCheckpointer(fit.model, save_dir=str(tmp_path)).save("fitted")
     res = run_tool([os.path.join(TOOLS, "train_net.py"), "--config-file", MASK_RCNN, "--eval-only"]
-                   + tiny_opts(trained / "eval", MODEL__ROI_HEADS__SCORE_THRESH_TEST=0.0)
-                   + ["MODEL.WEIGHTS", str(trained / "model_final.pth")])
+                   + fit_opts(plan_for(config), tmp_path / "eval")
+                   + ["DATASETS.TEST", str(tuple(fit.cfg.DATASETS.TEST)),
+                      "MODEL.WEIGHTS", str(tmp_path / "fitted.pth")])
     log = res.stdout + res.stderr
     assert "Evaluation results for bbox" in log and "Evaluation results for segm" in log
     for task in ("bbox", "segm"):
         m = re.search(rf"copypaste: Task: {task}\n.*copypaste: AP,AP50.*\n.*copypaste: ([0-9.nan]+),", log)
         assert m, log[-3000:]
         ap = float(m.group(1))
-        assert 0.0 <= ap <= 100.0, f"{task} AP is {ap}"
-    assert (trained / "eval" / "inference" / "coco_instances_results.json").exists()
+        assert abs(ap - expected[task]["AP"]) < 0.05, (task, ap, expected[task]["AP"])
+        assert ap >= BARS[config][task], (task, ap)
+    assert (tmp_path / "eval" / "inference" / "coco_instances_results.json").exists()
 
 
 def test_demo_writes_images_and_names_bad_files(trained, tmp_path):

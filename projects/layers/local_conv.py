@@ -48,5 +48,7 @@ def conv2d_at_locations(conv: nn.Conv2d, x: Tensor, ys: Tensor, xs: Tensor) -> T
     patches = patches.permute(1, 0, 2, 3).reshape(ys.numel(), -1)  # (R, C * k * k)
     out = patches @ conv.weight.reshape(D, -1).t()
     if conv.bias is not None:
-        out = out + conv.bias
+        # under autocast the product is in the autocast dtype, as the full convolution's
+        # output is: the bias joins it in that dtype
+        out = out + conv.bias.to(out.dtype)
     return out

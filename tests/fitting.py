@@ -1,0 +1,226 @@
+"""Fitting a model to a small fixed subset of the built-in shapes data, shared by the tests
+that need a model which has learnt something: the learning tests (tests/test_learning.py,
+COCO AP / mIoU bars on the images the model was fitted to) and the bfloat16 autocast tests
+(tests/test_autocast_models.py, which compare confident detections).
+
+A fit is a plain training loop on one fixed batch: the first ``images`` images of
+``shapes_train`` (or ``shapes_sem_seg_train``) at ``size`` px, through the config's own
+training mapper with flipping off, so every iteration sees the same images. The optimiser
+is SGD with momentum 0.9 at ``lr`` (or, for a config that uses Adam(W), its own optimiser
+at ``lr``), a linear warm-up over the first tenth of the iterations, and the common
+budget's gradient clipping. Evaluation runs d2seg's Trainer.test, i.e. Detectron2's
+COCOEvaluator (or SemSegEvaluator) on exactly those images. Fits are cached per config for
+the whole test session.
+"""
+import functools
+import glob
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from conftest import CONFIGS
+
+SHAPES_CONFIGS = sorted(
+    os.path.relpath(p, CONFIGS)
+    for p in glob.glob(os.path.join(CONFIGS, "**", "*shapes*.yaml"), recursive=True)
+    if not os.path.basename(p).startswith("Base-")
+)
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    lr: float = None  # None: 0.02 with SGD, the config's own BASE_LR with Adam(W)
+    iters: int = 80
+    images: int = 4
+    size: int = 64
+    opts: tuple = ()  # config overrides that make the fit cheaper (not the model's design)
+
+
+# Per config: how to fit it. Everything not listed uses FitPlan(). Chosen so that each fit
+# takes seconds on CI's 2 cores (the two-stage models cost several times a one-stage one per
+# iteration, whatever the image size) and still learns far past chance.
+PLANS = {
+    # Detectron2's two-stage models: two images, fewer iterations
+    "quick/mask_rcnn_shapes.yaml": FitPlan(iters=60, images=2),
+    "PointRend/pointrend_rcnn_R18_shapes.yaml": FitPlan(iters=60, images=2),
+    # PointINS: fewer sampled instances per image for the instance-aware mask head
+    "PointINS/pointins_fcos_R18_shapes.yaml": FitPlan(iters=60, opts=("MODEL.POINTINS.NUM_SAMPLES", "32")),
+    "PointINS/pointins_retinanet_R18_shapes.yaml": FitPlan(iters=60, opts=("MODEL.POINTINS.NUM_SAMPLES", "32")),
+    # semantic models overfit four images in a few dozen iterations
+    "quick/semantic_fpn_shapes.yaml": FitPlan(iters=40),
+    "PointRend/pointrend_semantic_R18_shapes.yaml": FitPlan(iters=40),
+}
+
+
+def plan_for(config):
+    return PLANS.get(config, FitPlan())
+
+
+def fit_opts(plan, output_dir):
+    s = plan.size
+    return [
+        "D2SEG.SHAPES.NUM_TRAIN", str(plan.images),
+        "D2SEG.SHAPES.NUM_VAL", str(plan.images),
+        "D2SEG.SHAPES.IMAGE_SIZE", str(s),
+        "INPUT.MIN_SIZE_TRAIN", f"({s},)",
+        "INPUT.MAX_SIZE_TRAIN", str(s),
+        "INPUT.MIN_SIZE_TEST", str(s),
+        "INPUT.MAX_SIZE_TEST", str(s),
+        "INPUT.RANDOM_FLIP", "none",
+        "SOLVER.IMS_PER_BATCH", str(plan.images),
+        "DATALOADER.NUM_WORKERS", "0",
+        "OUTPUT_DIR", str(output_dir),
+    ] + list(plan.opts)
+
+
+@dataclass
+class Fit:
+    cfg: object
+    model: torch.nn.Module
+    batch: list
+    seconds: float
+    losses: list = field(default_factory=list)  # total loss per iteration
+
+
+def _build_cfg(config, plan, output_dir):
+    from d2seg.engine import setup_cfg
+
+    path = os.path.join(CONFIGS, config)
+    cfg = setup_cfg(path, fit_opts(plan, output_dir))
+    # evaluate on the images the model was fitted to
+    return setup_cfg(path, fit_opts(plan, output_dir) + ["DATASETS.TEST", str(tuple(cfg.DATASETS.TRAIN))])
+
+
+def _setup(config):
+    """cfg, freshly initialised model (seeded: the same weights in every process) and the
+    fixed batch of ``config``'s fit."""
+    from detectron2.data import DatasetCatalog
+
+    from d2seg.data import D2SegDatasetMapper, prepare_datasets
+    from d2seg.engine import Trainer
+
+    plan = plan_for(config)
+    cfg = _build_cfg(config, plan, tempfile.mkdtemp(prefix="d2seg-fit-"))
+    prepare_datasets(cfg)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    model = Trainer.build_model(cfg)
+    mapper = D2SegDatasetMapper(cfg, is_train=True)
+    batch = [mapper(d) for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[: plan.images]]
+    return cfg, model, batch
+
+
+def _train(cfg, model, batch, plan):
+    from detectron2.utils.events import EventStorage
+
+    from d2seg.engine import build_optimizer
+
+    if cfg.SOLVER.OPTIMIZER == "SGD":
+        opt = torch.optim.SGD(model.parameters(), lr=plan.lr or 0.02, momentum=0.9)
+    else:  # the config's Adam(W)
+        if plan.lr is not None:
+            cfg.defrost()
+            cfg.SOLVER.BASE_LR = plan.lr
+            cfg.freeze()
+        opt = build_optimizer(cfg, model)
+    warmup = max(1, plan.iters // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: min(1.0, 0.1 + 0.9 * it / warmup))
+    losses = []
+    model.train()
+    with EventStorage(0) as storage:
+        for it in range(plan.iters):
+            storage.iter = it
+            loss_dict = model(batch)
+            loss = sum(loss_dict.values())
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+    return losses
+
+
+def _fit_worker(config):
+    """Runs in a worker process: the whole fit with one thread; returns what the parent
+    needs to rebuild the fitted model."""
+    torch.set_num_threads(1)
+    import d2seg  # noqa: F401  registers the methods and data sets in this process
+
+    cfg, model, batch = _setup(config)
+    start = time.perf_counter()
+    losses = _train(cfg, model, batch, plan_for(config))
+    return model.state_dict(), losses, time.perf_counter() - start
+
+
+# Fits run in WORKERS processes of one thread each (two one-thread processes get more out
+# of CI's two cores than one two-thread process on these small tensors), in the background
+# while the tests that use earlier fits run; prefetch() is called by conftest with the
+# configs the selected tests need. One thread per fit also makes a fit the same on every
+# machine with the same CPU, whatever its core count.
+WORKERS = int(os.environ.get("D2SEG_FIT_WORKERS", "2"))
+_pool = None
+_futures = {}
+
+
+def prefetch(configs):
+    """Start fitting ``configs`` (costliest first) in the worker pool."""
+    global _pool
+    import concurrent.futures
+    import multiprocessing
+
+    todo = [c for c in configs if c not in _futures]
+    if not todo:
+        return
+    if _pool is None:
+        _pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=WORKERS, mp_context=multiprocessing.get_context("spawn"))
+    todo.sort(key=lambda c: -COST.get(c, 1))
+    for c in todo:
+        _futures[c] = _pool.submit(_fit_worker, c)
+
+
+def shutdown():
+    """Cancel pending fits and stop the workers."""
+    global _pool
+    if _pool is None:
+        return
+    for f in _futures.values():
+        f.cancel()
+    for proc in list(getattr(_pool, "_processes", {}).values()):
+        proc.terminate()
+    _pool.shutdown(wait=False, cancel_futures=True)
+    _pool = None
+
+
+# relative cost of a fit (FCOS = 1), measured; the pool starts the costliest first
+COST = {
+    "quick/mask_rcnn_shapes.yaml": 4, "PointINS/pointins_fcos_R18_shapes.yaml": 4,
+    "PointINS/pointins_retinanet_R18_shapes.yaml": 4, "SparseInst/sparse_inst_r18_giam_shapes.yaml": 2.5,
+    "PointRend/pointrend_rcnn_R18_shapes.yaml": 2, "quick/semantic_fpn_shapes.yaml": 1.5,
+    "PointRend/pointrend_sparseinst_r18_giam_shapes.yaml": 2,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def fitted(config):
+    """``Fit`` of ``config`` fitted by its plan (in the worker pool); cached."""
+    prefetch([config])
+    state, losses, seconds = _futures[config].result()
+    cfg, model, batch = _setup(config)
+    model.load_state_dict(state)
+    model.eval()
+    return Fit(cfg, model, batch, seconds, losses)
+
+
+def evaluate(fit):
+    """Detectron2's evaluators (COCOEvaluator / SemSegEvaluator) on the fitted images."""
+    from d2seg.engine import Trainer
+
+    return Trainer.test(fit.cfg, fit.model)
