@@ -33,6 +33,9 @@ from d2seg.model_zoo import convert_state_dict
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
+# the fixtures were computed with one thread (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data", "reference")
 sys.path.insert(0, os.path.join(ROOT, "tools"))

@@ -18,6 +18,9 @@ import sys
 import pytest
 import torch
 
+# the fixtures were computed with one thread (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data", "reference")
 

@@ -12,6 +12,9 @@ import os
 import pytest
 import torch
 
+# the fixtures were computed with one thread (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "reference", "sparseinst.pt")
 LOSS_NAMES = {"loss_ce": "loss_cls", "loss_dice": "loss_dice", "loss_mask": "loss_mask",
               "loss_objectness": "loss_objectness"}
