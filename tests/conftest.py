@@ -91,7 +91,8 @@ def python():
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(session, config, items):
-    """Start the fits (tests/fitting.py) that the selected tests need, in the background."""
+    """Start the fits (tests/fitting.py) that the selected tests need, in the background, and
+    run the tests that use them last."""
     needed = []
     for item in items:
         module = getattr(getattr(item, "module", None), "__name__", "")
@@ -103,6 +104,11 @@ def pytest_collection_modifyitems(session, config, items):
         import fitting
 
         fitting.prefetch(needed)
+        # the tests that wait for fits run last, so that the fits proceed in the background
+        # while the rest of the suite runs
+        waits = [i for i in items if getattr(getattr(i, "module", None), "__name__", "")
+                 in ("test_learning", "test_autocast_models")]
+        items[:] = [i for i in items if i not in waits] + waits
 
 
 def pytest_sessionfinish(session, exitstatus):
