@@ -36,16 +36,7 @@ from detectron2.utils.events import EventStorage
 # the fixtures were computed with one thread (conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "tests", "data", "reference")
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-
-def load_fixture(name):
-    path = os.path.join(DATA, name)
-    if not os.path.isfile(path):
-        pytest.fail(f"{path} is missing: run tools/reference_fixtures.py")
-    return torch.load(path, weights_only=False)
+from parity_common import DATA, ROOT, batch, load_fixture  # noqa: E402,F401
 
 
 def build_d2seg(fx, data_opts=()):
@@ -63,11 +54,6 @@ def build_d2seg(fx, data_opts=()):
                                 target_keys=model.state_dict().keys())
     model.load_state_dict(result.state_dict, strict=True)
     return model
-
-
-def batch(fx):
-    from reference_fixtures import to_detectron2_inputs
-    return to_detectron2_inputs(fx["inputs"])
 
 
 def assert_close_output(ours, ref, what):

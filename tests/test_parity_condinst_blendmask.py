@@ -40,21 +40,11 @@ from detectron2.utils.events import EventStorage
 # the fixtures were computed with one thread (conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "tests", "data", "reference")
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+from parity_common import DATA, ROOT, batch, load_fixture  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------- helpers
-# (the assertions of tests/test_parity_adelaidet.py, kept here so that the two files stay
-# independent)
-
-
-def load_fixture(name):
-    path = os.path.join(DATA, name)
-    if not os.path.isfile(path):
-        pytest.fail(f"{path} is missing: run tools/reference_fixtures.py")
-    return torch.load(path, weights_only=False)
+# (fixture loading and batches: tests/parity_common.py)
 
 
 def make_cfg(fx, opts=()):
@@ -80,11 +70,6 @@ def build_d2seg(fx, opts=(), config=None, extra_weights=None):
     result = convert_state_dict(weights, source="adelaidet", target_keys=model.state_dict().keys())
     model.load_state_dict(result.state_dict, strict=True)
     return model
-
-
-def batch(fx):
-    from reference_fixtures import to_detectron2_inputs
-    return to_detectron2_inputs(fx["inputs"])
 
 
 def max_diff(ours, ref):
