@@ -22,7 +22,6 @@ uniform numbers it drew (``train_extra["clamp_rand"]``, in d2seg's order of the 
 and the test makes d2seg's head draw those.
 """
 import os
-import sys
 
 import pytest
 import torch

@@ -26,7 +26,6 @@ positives AdelaiDet's random subsample kept) and ``losses_sampled`` (MAX_PROPOSA
 max_sampled). The shipped MAX_PROPOSALS (500) samples nothing on the fixture.
 """
 import os
-import sys
 
 import pytest
 import torch
