@@ -16,6 +16,11 @@ from .point_features import (
     point_sample_boxes,
     point_sample_fine_grained_features,
 )
+from .roi_align import fast_roi_align_backward_active, use_fast_roi_align_backward
+
+# torchvision's CPU RoIAlign backward -> d2seg's bit-identical, faster kernel (roi_align.py;
+# D2SEG_TORCHVISION_ROI_ALIGN_BACKWARD=1 keeps torchvision's).
+use_fast_roi_align_backward()
 
 __all__ = [
     "axpy",
@@ -33,4 +38,6 @@ __all__ = [
     "point_sample_fine_grained_features",
     "get_uncertain_point_coords_with_randomness",
     "get_uncertain_point_coords_on_grid",
+    "use_fast_roi_align_backward",
+    "fast_roi_align_backward_active",
 ]
