@@ -104,29 +104,95 @@ def test_inference_layout():
     assert to_inference_layout(x, training=False) is x  # autograd on: unchanged
 
 
-def test_fast_inference_model_same_results():
-    """A small OneStageDetector (FCOS R-18 shapes config) with and without the key."""
+def _build(config, fast, opts=()):
+    """A model from a small shapes config with FrozenBN in the backbone (what the key folds),
+    random running statistics, and ``MODEL.FAST_INFERENCE`` = ``fast``."""
     from d2seg.config import get_d2seg_cfg
     from detectron2.modeling import build_model
 
+    cfg = get_d2seg_cfg()
+    cfg.merge_from_file(config)
+    cfg.merge_from_list(["MODEL.FAST_INFERENCE", fast, "MODEL.RESNETS.NORM", "FrozenBN"] + list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for k, b in model.named_buffers():
+            if k.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+            elif k.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+    assert getattr(model, "fast_inference", False) == fast
+    folded = sum(type(m) is FoldedBatchNormConv2d for m in model.backbone.modules())
+    assert (folded > 0) == fast
+    return model
+
+
+def _run(model, height=64, width=96):
+    """One inference on a fixed random image; also records whether the backbone's input was
+    channels-last."""
+    seen = {}
+    h = model.backbone.register_forward_pre_hook(
+        lambda m, args: seen.update(channels_last=args[0].is_contiguous(memory_format=torch.channels_last)
+                                    and not args[0].is_contiguous()))
+    g = torch.Generator().manual_seed(2)
+    image = (torch.rand(3, height, width, generator=g) * 255).to(torch.uint8)
+    with torch.no_grad():
+        out = model([{"image": image}])[0]
+    h.remove()
+    return out, seen["channels_last"]
+
+
+def test_fast_inference_model_same_results():
+    """A small OneStageDetector (FCOS R-18 shapes config) with and without the key."""
     outs = []
     for fast in (False, True):
-        cfg = get_d2seg_cfg()
-        cfg.merge_from_file("configs/FCOS/fcos_R18_shapes.yaml")
-        cfg.merge_from_list(["MODEL.FAST_INFERENCE", fast, "MODEL.RESNETS.NORM", "FrozenBN",
-                             "MODEL.FCOS.INFERENCE_TH_TEST", 0.0])
-        cfg.MODEL.DEVICE = "cpu"
-        torch.manual_seed(0)
-        model = build_model(cfg).eval()
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for k, b in model.named_buffers():
-                if k.endswith("running_var"):
-                    b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-                elif k.endswith("running_mean"):
-                    b.copy_(torch.randn(b.shape, generator=g) * 0.1)
-            image = (torch.rand(3, 64, 96, generator=g) * 255).to(torch.uint8)
-            outs.append(model([{"image": image}])[0]["instances"])
-        assert model.fast_inference == fast
+        model = _build("configs/FCOS/fcos_R18_shapes.yaml", fast, ["MODEL.FCOS.INFERENCE_TH_TEST", 0.0])
+        out, channels_last = _run(model)
+        assert channels_last == fast
+        outs.append(out["instances"])
     assert len(outs[0]) == len(outs[1]) > 0
     assert torch.allclose(outs[0].scores, outs[1].scores, atol=1e-5)
+
+
+def test_fast_inference_sparseinst_same_results():
+    """SparseInst (R-18 shapes config): the same detections with and without the key."""
+    outs = []
+    for fast in (False, True):
+        model = _build("configs/SparseInst/sparse_inst_r18_giam_shapes.yaml", fast,
+                       ["MODEL.SPARSE_INST.CLS_THRESHOLD", 0.0])
+        out, channels_last = _run(model)
+        assert channels_last == fast
+        outs.append(out["instances"])
+    a, b = outs
+    assert len(a) == len(b) == 100
+    assert torch.equal(a.pred_classes, b.pred_classes)
+    assert torch.allclose(a.scores, b.scores, atol=1e-5)
+    # masks: only pixels within rounding of the threshold may flip
+    assert (a.pred_masks != b.pred_masks).float().mean() < 1e-3
+    assert torch.allclose(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1.0)
+
+
+def test_fast_inference_semantic_segmentor_same_results():
+    """D2SegSemanticSegmentor (PointRend semantic R-18 shapes config): Detectron2's
+    SemanticSegmentor's logits with and without the key (every point re-predicted at each
+    subdivision step, so the result does not hinge on which points are most uncertain)."""
+    from detectron2.modeling import SemanticSegmentor
+
+    from d2seg.pointrend import D2SegSemanticSegmentor
+
+    opts = ["MODEL.META_ARCHITECTURE", "D2SegSemanticSegmentor",
+            "MODEL.POINTREND.SEM_SEG.SUBDIVISION_NUM_POINTS", 64 * 96]
+    outs = []
+    for fast in (False, True):
+        model = _build("configs/PointRend/pointrend_semantic_R18_shapes.yaml", fast, opts)
+        assert type(model) is D2SegSemanticSegmentor and isinstance(model, SemanticSegmentor)
+        out, channels_last = _run(model)
+        assert channels_last == fast
+        outs.append(out["sem_seg"])
+    assert outs[0].shape == (6, 64, 96)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    # the same parameters as Detectron2's SemanticSegmentor: its checkpoints load unchanged
+    plain = _build("configs/PointRend/pointrend_semantic_R18_shapes.yaml", False)
+    assert type(plain) is SemanticSegmentor and list(plain.state_dict()) == list(model.state_dict())

@@ -24,3 +24,15 @@ def test_masks_to_boxes():
     assert boxes[3].tolist() == [16.0, 12.0, 17.0, 13.0]
     assert masks_to_boxes(m[:0]).tensor.shape == (0, 4)
     assert sparseinst_masks_to_boxes is masks_to_boxes
+
+
+def test_masks_to_boxes_strided_and_float_masks():
+    """A non-contiguous view (masks cut out of a larger bool tensor, as a padded result slice)
+    and {0, 1} float masks give the boxes of Detectron2's loop."""
+    g = torch.Generator().manual_seed(1)
+    big = torch.rand(4, 20, 30, generator=g) > 0.95
+    big[1] = False
+    view = big[:, 3:17, 5:26].transpose(1, 2)  # (4, 21, 14), strided
+    expected = BitMasks(view.contiguous()).get_bounding_boxes().tensor
+    assert torch.equal(masks_to_boxes(view).tensor, expected)
+    assert torch.equal(masks_to_boxes(view.float()).tensor, expected)

@@ -315,7 +315,12 @@ class Side:
 
 
 def compare(ref: Dict, ours: Dict, semantic: bool, boxes: bool = True) -> Dict:
-    """Issue 17's tolerances on one image: -> {"ok": bool, and the largest differences}."""
+    """Issue 17's tolerances on one image: -> {"ok": bool, and the largest differences}.
+
+    Detections are compared rank by rank; when that fails, each reference detection is paired
+    instead with a detection of ``ours`` of the same class whose score is within SCORE_TOL
+    (:func:`match_detections`): two detections whose scores tie within the tolerance may come
+    in either order. The tolerances then apply to the pairs."""
     if semantic:
         differ = ref["argmax"] != ours["argmax"]
         n = int(differ.sum())
@@ -327,37 +332,48 @@ def compare(ref: Dict, ours: Dict, semantic: bool, boxes: bool = True) -> Dict:
         return dict(out, ok=False)
     if n_ref == 0:
         return dict(out, ok=True)
-    out["classes_equal"] = bool(torch.equal(ref["pred_classes"], ours["pred_classes"]))
-    out["max_score_diff"] = float((ref["scores"] - ours["scores"]).abs().max())
-    ok = out["classes_equal"] and out["max_score_diff"] <= SCORE_TOL
-    if boxes and "pred_boxes" in ref:
-        out["max_box_diff"] = float((ref["pred_boxes"] - ours["pred_boxes"]).abs().max())
-        ok = ok and out["max_box_diff"] <= BOX_TOL
-    if "pred_masks" in ref:
-        a, b = ref["pred_masks"].flatten(1), ours["pred_masks"].bool().flatten(1)
-        iou = _mask_iou(a, b)
-        if iou.min() < MIN_IOU and out["classes_equal"] and out["max_score_diff"] <= SCORE_TOL:
-            # detections whose scores tie within the tolerance may come in another order:
-            # match each to the best one of its class among those ties
-            perm = _match_ties(ref, ours, a, b)
-            if perm is not None:
-                out["reordered_ties"] = int((perm != torch.arange(n_ref)).sum())
-                iou = _mask_iou(a, b[perm])
-        out["min_mask_iou"] = float(iou.min())
-        ok = ok and out["min_mask_iou"] >= MIN_IOU
-    return dict(out, ok=bool(ok))
+    boxes = boxes and "pred_boxes" in ref
+    checked = _compare_pairs(ref, ours, torch.arange(n_ref), boxes)
+    if not checked["ok"]:
+        perm = match_detections(ref, ours, boxes)
+        if perm is not None:
+            reordered = _compare_pairs(ref, ours, perm, boxes)
+            if reordered["ok"]:
+                checked = dict(reordered, reordered_ties=int((perm != torch.arange(n_ref)).sum()))
+    return dict(out, **checked)
 
 
 def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of flattened bool masks, row by row (1 where both are empty)."""
     inter, union = (a & b).sum(1).float(), (a | b).sum(1).float()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
-def _match_ties(ref: Dict, ours: Dict, a: torch.Tensor, b: torch.Tensor):
-    """A permutation of ``ours`` matching each reference detection to the unused detection of
-    the same class whose score is within SCORE_TOL and whose mask overlaps it most; None when
-    some detection has no such partner."""
+def _compare_pairs(ref: Dict, ours: Dict, perm: torch.Tensor, boxes: bool) -> Dict:
+    """The tolerances on the pairs (reference i, ours perm[i])."""
+    out = {"classes_equal": bool(torch.equal(ref["pred_classes"], ours["pred_classes"][perm])),
+           "max_score_diff": float((ref["scores"] - ours["scores"][perm]).abs().max())}
+    ok = out["classes_equal"] and out["max_score_diff"] <= SCORE_TOL
+    if boxes:
+        out["max_box_diff"] = float((ref["pred_boxes"] - ours["pred_boxes"][perm]).abs().max())
+        ok = ok and out["max_box_diff"] <= BOX_TOL
+    if "pred_masks" in ref:
+        a, b = ref["pred_masks"].flatten(1), ours["pred_masks"][perm].bool().flatten(1)
+        out["min_mask_iou"] = float(_mask_iou(a, b).min())
+        ok = ok and out["min_mask_iou"] >= MIN_IOU
+    return dict(out, ok=bool(ok))
+
+
+def match_detections(ref: Dict, ours: Dict, boxes: bool = True):
+    """Pairs each reference detection, in the reference's order, with a detection of ``ours``
+    not paired yet, of the same class and with a score within SCORE_TOL: the one at the same
+    rank when it qualifies, else the one whose mask overlaps most (whose box is closest when
+    there are no masks). -> (R,) long indices into ``ours``, or None when some reference
+    detection has no such partner."""
     n = len(ref["scores"])
+    masks = "pred_masks" in ref
+    if masks:
+        a, b = ref["pred_masks"].flatten(1), ours["pred_masks"].bool().flatten(1)
     used = torch.zeros(n, dtype=torch.bool)
     perm = torch.empty(n, dtype=torch.long)
     for i in range(n):
@@ -365,7 +381,18 @@ def _match_ties(ref: Dict, ours: Dict, a: torch.Tensor, b: torch.Tensor):
                 & ((ours["scores"] - ref["scores"][i]).abs() <= SCORE_TOL) & ~used).nonzero()[:, 0]
         if cand.numel() == 0:
             return None
-        j = cand[_mask_iou(a[i:i + 1].expand(len(cand), -1), b[cand]).argmax()]
+        if masks:
+            closeness = _mask_iou(a[i:i + 1].expand(len(cand), -1), b[cand])
+        elif boxes:
+            closeness = -(ours["pred_boxes"][cand] - ref["pred_boxes"][i]).abs().amax(dim=1)
+        else:
+            closeness = -(ours["scores"][cand] - ref["scores"][i]).abs()
+        same = (cand == i).nonzero()[:, 0]
+        qualifies = MIN_IOU if masks else (-BOX_TOL if boxes else -SCORE_TOL)
+        if same.numel() and closeness[same[0]] >= qualifies:
+            j = cand[same[0]]
+        else:
+            j = cand[closeness.argmax()]
         perm[i] = j
         used[j] = True
     return perm

@@ -12,7 +12,10 @@ def masks_to_boxes(masks: torch.Tensor) -> Boxes:
     r, h, w = masks.shape
     if r == 0:
         return Boxes(torch.zeros(0, 4, device=masks.device))
-    cols, rows = masks.any(dim=1), masks.any(dim=2)  # (R, W), (R, H)
+    # any() along rows and columns; on bool masks as uint8 (the same bytes, 0 or 1), whose
+    # max-reductions are several times faster than bool's any() on the CPU
+    flags = masks.view(torch.uint8) if masks.dtype == torch.bool else masks != 0
+    cols, rows = flags.amax(dim=1) > 0, flags.amax(dim=2) > 0  # (R, W), (R, H)
     xs = torch.arange(w, device=masks.device, dtype=torch.float32)
     ys = torch.arange(h, device=masks.device, dtype=torch.float32)
     big = float(max(h, w))

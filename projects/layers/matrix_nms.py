@@ -32,19 +32,38 @@ def _check_inputs(masks, labels, scores, fn):
         raise ValueError(f"{fn}: labels must be (N,) = ({n},), got {tuple(labels.shape)}")
 
 
-def mask_iou_matrix(masks, areas=None):
+def mask_iou_matrix(masks, areas=None, labels=None):
     """Pairwise IoU of binary masks.
 
     Args:
         masks (Tensor): (N, H, W) bool or {0,1} masks.
         areas (Tensor or None): (N,) pixel count of each mask; computed when None.
+        labels (Tensor or None): (N,) classes; when given, only pairs of the same class are
+            computed (one product per class) and the others are 0. The intersections are
+            sums of 0/1 products, exact in float32 in any order (below 2^24 pixels), so the
+            computed entries equal those of the full matrix.
     Returns:
         Tensor: (N, N) float IoU; 0 where both masks are empty.
     """
-    flat = masks.reshape(masks.shape[0], -1).float()
+    n = masks.shape[0]
+    flat = masks.flatten(1)
     if areas is None:
-        areas = flat.sum(dim=1)
-    inter = flat @ flat.t()
+        areas = flat.sum(dim=1).float()
+    if labels is None:
+        f = flat.float()
+        inter = f @ f.t()
+    else:
+        sorted_labels, order = torch.sort(labels, stable=True)
+        counts = torch.unique_consecutive(sorted_labels, return_counts=True)[1]
+        inter = None
+        for idx in torch.split(order, counts.tolist()):
+            f = flat[idx].float()
+            block = f @ f.t()  # (under autocast in its dtype, as the full product would be)
+            if inter is None:
+                inter = block.new_zeros((n, n))
+            inter[idx[:, None], idx[None, :]] = block
+        if inter is None:  # no masks
+            inter = flat.new_zeros((n, n), dtype=torch.float32)
     union = areas[:, None] + areas[None, :] - inter
     return inter / union.clamp(min=1e-6)
 
@@ -73,10 +92,9 @@ def matrix_nms(masks, labels, scores, kernel="gaussian", sigma=2.0, areas=None):
         return scores.clone()
     order = torch.argsort(scores, descending=True, stable=True)
     m = masks[order]
-    iou = mask_iou_matrix(m, None if areas is None else areas[order])
-    if labels is not None:
-        lab = labels[order]
-        iou = iou * (lab[:, None] == lab[None, :]).float()
+    # only same-class masks suppress each other: their IoU alone is computed, the rest is 0
+    iou = mask_iou_matrix(m, None if areas is None else areas[order],
+                          None if labels is None else labels[order])
     # Row i, column j: overlap of j with the better-scored i (i < j after sorting).
     iou = iou.triu(diagonal=1)
     # For every i: how much i itself is overlapped by better-scored masks.
@@ -111,10 +129,8 @@ def mask_nms(masks, labels, scores, iou_threshold=0.5, areas=None):
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=scores.device)
     order = torch.argsort(scores, descending=True, stable=True)
-    iou = mask_iou_matrix(masks[order], None if areas is None else areas[order])
-    if labels is not None:
-        lab = labels[order]
-        iou = iou * (lab[:, None] == lab[None, :]).float()
+    iou = mask_iou_matrix(masks[order], None if areas is None else areas[order],
+                          None if labels is None else labels[order])
     over = (iou > iou_threshold).cpu()
     suppressed = torch.zeros(n, dtype=torch.bool)
     keep = []

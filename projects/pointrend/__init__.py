@@ -5,7 +5,9 @@ Registered names (none collides with Detectron2's own PointRend project):
     ROI_HEADS_REGISTRY:      D2SegPointRendROIHeads
     ROI_MASK_HEAD_REGISTRY:  D2SegPointRendMaskHead
     SEM_SEG_HEADS_REGISTRY:  D2SegPointRendSemSegHead
-    META_ARCH_REGISTRY:      D2SegPointRendSparseInst (SparseInst + PointRend refinement)
+    META_ARCH_REGISTRY:      D2SegPointRendSparseInst (SparseInst + PointRend refinement),
+                             D2SegSemanticSegmentor (Detectron2's SemanticSegmentor with
+                             MODEL.FAST_INFERENCE)
     d2seg's point heads:     PointRendMLPPointHead
 Config keys: MODEL.POINTREND.* (config.py).
 """
@@ -18,7 +20,7 @@ from .point_ops import compiled_ops_in_use, point_sample
 from .point_selection import regular_grid_points, sample_training_points, uncertain_points_on_grid
 from .refine import D2SegPointRendSparseInst, PointRendMaskRefiner
 from .roi_heads import D2SegPointRendROIHeads
-from .semantic_seg import D2SegPointRendSemSegHead
+from .semantic_seg import D2SegPointRendSemSegHead, D2SegSemanticSegmentor
 from .subdivision import subdivide, subdivision_steps_for
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "D2SegPointRendSparseInst",
     "PointRendMaskRefiner",
     "D2SegPointRendSemSegHead",
+    "D2SegSemanticSegmentor",
     "subdivide",
     "subdivision_steps_for",
 ]

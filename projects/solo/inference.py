@@ -80,17 +80,17 @@ def postprocess_candidates(probs, scores, classes, min_areas, params, image_size
     device = probs.device
     binary = probs > params.mask_thr
     areas = binary.flatten(1).sum(dim=1).float()
-    keep = areas > min_areas
-    if not keep.any():
+    kept = torch.nonzero(areas > min_areas).flatten()
+    if len(kept) == 0:
         return empty_instances(out_size, device)
-    probs, binary, areas = probs[keep], binary[keep], areas[keep]
-    scores, classes = scores[keep], classes[keep]
-    # Maskness: mean probability inside the binary mask.
+    # Maskness: mean probability inside the binary mask (computed for every candidate, used
+    # for the kept ones: the (K, hc, wc) masks are gathered once, after the ranking).
     maskness = (probs * binary).flatten(1).sum(dim=1) / areas
-    scores = scores * maskness
+    scores, classes = (scores * maskness)[kept], classes[kept]
 
     order = torch.argsort(scores, descending=True)[: params.nms_pre]
-    probs, binary, areas = probs[order], binary[order], areas[order]
+    sel = kept[order]
+    probs, binary, areas = probs[sel], binary[sel], areas[sel]
     scores, classes = scores[order], classes[order]
     if params.nms_type == "matrix":
         scores = matrix_nms(binary, classes, scores, kernel=params.nms_kernel,
@@ -100,9 +100,9 @@ def postprocess_candidates(probs, scores, classes, min_areas, params, image_size
         keep = mask_nms(binary, classes, scores, iou_threshold=params.nms_iou_thr, areas=areas)
     if len(keep) == 0:
         return empty_instances(out_size, device)
-    probs, scores, classes = probs[keep], scores[keep], classes[keep]
+    scores, classes = scores[keep], classes[keep]
     order = torch.argsort(scores, descending=True)[: params.max_per_img]
-    probs, scores, classes = probs[order], scores[order], classes[order]
+    probs, scores, classes = probs[keep[order]], scores[order], classes[order]
 
     h, w = image_size
     full = F.interpolate(probs[None], size=tuple(padded_size), mode="bilinear",

@@ -13,6 +13,7 @@ from torch import nn
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import BitMasks, ImageList, Instances
 
+from d2seg.layers.inference_speed import fold_frozen_batchnorm, to_inference_layout
 from d2seg.layers.mask_boxes import masks_to_boxes  # noqa: F401  (also importable from here)
 
 from .decoder import build_sparse_inst_decoder
@@ -47,6 +48,10 @@ class SparseInst(nn.Module):
         super().__init__()
         si = cfg.MODEL.SPARSE_INST
         self.backbone = build_backbone(cfg)
+        # MODEL.FAST_INFERENCE: inference-only speed-ups (d2seg.layers.inference_speed)
+        self.fast_inference = bool(cfg.MODEL.FAST_INFERENCE)
+        if self.fast_inference:
+            fold_frozen_batchnorm(self.backbone)
         self.encoder = build_sparse_inst_encoder(cfg, self.backbone.output_shape())
         self.decoder = build_sparse_inst_decoder(cfg, self.encoder.out_channels)
         self.criterion = SparseInstCriterion.from_config(cfg)
@@ -82,7 +87,8 @@ class SparseInst(nn.Module):
 
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
-        outputs = self.predict(images.tensor)
+        x = to_inference_layout(images.tensor, self.training) if self.fast_inference else images.tensor
+        outputs = self.predict(x)
         if self.training:
             if any("instances" not in x for x in batched_inputs):
                 raise ValueError("SparseInst training needs 'instances' in every dataset dict")
