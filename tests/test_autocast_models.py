@@ -13,7 +13,7 @@ prior and the comparison would only measure ties). Then:
   * instances: each float32 detection scoring at least ``CONFIDENT`` and covering at
     least ``MIN_AREA`` pixels (at most the ten best; there must be one) has an autocast detection of the same class with box IoU
     >= ``BOX_IOU``, score within ``SCORE_TOL`` and, for masks, mask IoU >= ``MASK_IOU``;
-    at least ``MATCHED`` of them must match (bfloat16 keeps 8 bits of mantissa: a
+    at least ``MATCHED`` of them, over all images, must match (bfloat16 keeps 8 bits of mantissa: a
     detection whose score differs from a neighbour's by less than that can swap places
     with it, and non-maximum suppression can keep the other one);
   * semantic segmentation: the per-pixel argmax agrees on at least ``SEM_AGREE`` of the
@@ -106,6 +106,7 @@ def test_model_under_bfloat16_autocast(config, tmp_path):
             out = model(images)
     _finite_outputs(out)
     report = []
+    total_matched = total = 0
     for r, o in zip(ref, out):
         if "sem_seg" in r:
             agree = (r["sem_seg"].argmax(0) == o["sem_seg"].float().argmax(0)).float().mean().item()
@@ -115,7 +116,10 @@ def test_model_under_bfloat16_autocast(config, tmp_path):
             matched, n, worst = compare_instances(r["instances"], o["instances"])
             report.append(f"{matched}/{n} confident detections matched, worst {worst}")
             assert n > 0, f"{config}: no float32 detection scoring >= {CONFIDENT} after fitting (best {r['instances'].scores.max() if len(r['instances']) else None})"
-            assert matched >= MATCHED * n, (config, matched, n, worst)
+            total_matched, total = total_matched + matched, total + n
+    # over all images: with 4-7 confident detections per image, a single NMS swap of two
+    # near-duplicates would decide a per-image fraction
+    assert total_matched >= MATCHED * total, (config, report)
     print(config, "; ".join(report))
 
     # one training step under autocast
