@@ -36,9 +36,10 @@ def add_shared_config(cfg):
     cfg.SOLVER.AMP.PRECISION = ""
     # Inference-only speed-ups that change results by float rounding only (d2seg.layers.
     # inference_speed): FrozenBN folded into the backbone's convolutions, channels-last
-    # activations. Read by OneStageDetector (FCOS, MEInst, CondInst, BlendMask, PointINS)
-    # and SOLO; Base-FCOS.yaml (COCO) sets True (docs/benchmark.md, "Inference speed-ups
-    # at parity": why not BlendMask and SOLO).
+    # activations. Read by OneStageDetector (FCOS, MEInst, CondInst, BlendMask, PointINS),
+    # SOLO, SparseInst and D2SegSemanticSegmentor; Base-FCOS.yaml, Base-SOLOv2.yaml and
+    # Base-SparseInst.yaml (COCO) set True (docs/benchmark.md, "Inference speed-ups at
+    # parity": why not CondInst, BlendMask, SOLO v1 and PointRend semantic).
     cfg.MODEL.FAST_INFERENCE = False
 
 
