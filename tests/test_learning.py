@@ -9,9 +9,10 @@ that drops the right detections) stays far below these bars, which are several t
 the same methods reached after the former 300-iteration budget on the whole data set (1-5
 AP).
 
-The bars sit at about 70 % of what each fit reached when they were set (``REACHED``), with
-margin for the float differences between machines: the fits are deterministic on one
-machine, but not bit-identical across CPUs.
+The bars sit at about 70 % of the lowest value each fit reached (``REACHED``) over the fit
+itself and the same fit from slightly perturbed initial weights: the fits are deterministic
+on one machine, but another CPU rounds differently and a few dozen iterations amplify that
+(tools/fit_spread.py measures the spread; tests/fitting.py, PLANS).
 """
 import math
 
@@ -21,46 +22,47 @@ from fitting import SHAPES_CONFIGS, evaluate, fitted
 
 # config -> {task: bar}; task "bbox" / "segm": COCO AP (%), "sem_seg": mIoU (%).
 BARS = {
-    "BlendMask/blendmask_R18_shapes.yaml": {"bbox": 40, "segm": 40},
-    "CondInst/condinst_R18_shapes.yaml": {"bbox": 18, "segm": 30},
-    "FCOS/fcos_R18_shapes.yaml": {"bbox": 50},
-    "FCOS/retinanet_shapes.yaml": {"bbox": 70},
-    "MEInst/meinst_R18_shapes.yaml": {"bbox": 40, "segm": 35},
-    "PointINS/pointins_fcos_R18_shapes.yaml": {"bbox": 50, "segm": 33},
-    "PointINS/pointins_retinanet_R18_shapes.yaml": {"bbox": 60, "segm": 30},
-    "PointRend/pointrend_rcnn_R18_shapes.yaml": {"bbox": 35, "segm": 35},
-    "PointRend/pointrend_semantic_R18_shapes.yaml": {"sem_seg": 70},
-    "PointRend/pointrend_sparseinst_r18_giam_shapes.yaml": {"segm": 24},
+    "BlendMask/blendmask_R18_shapes.yaml": {"bbox": 40, "segm": 36},
+    "CondInst/condinst_R18_shapes.yaml": {"bbox": 18, "segm": 29},
+    "FCOS/fcos_R18_shapes.yaml": {"bbox": 40},
+    "FCOS/retinanet_shapes.yaml": {"bbox": 69},
+    "MEInst/meinst_R18_shapes.yaml": {"bbox": 40, "segm": 36},
+    "PointINS/pointins_fcos_R18_shapes.yaml": {"bbox": 48, "segm": 29},
+    "PointINS/pointins_retinanet_R18_shapes.yaml": {"bbox": 60, "segm": 29},
+    "PointRend/pointrend_rcnn_R18_shapes.yaml": {"bbox": 30, "segm": 31},
+    "PointRend/pointrend_semantic_R18_shapes.yaml": {"sem_seg": 62},
+    "PointRend/pointrend_sparseinst_r18_giam_shapes.yaml": {"segm": 47},
     "SOLO/decoupled_solo_shapes.yaml": {"segm": 24},
-    "SOLO/solo_shapes.yaml": {"segm": 10},
+    "SOLO/solo_shapes.yaml": {"segm": 9.8},
     "SOLO/solov2_shapes.yaml": {"segm": 20},
-    "SparseInst/sparse_inst_r18_giam_shapes.yaml": {"segm": 28},
-    "quick/mask_rcnn_shapes.yaml": {"bbox": 30, "segm": 12},
-    "quick/semantic_fpn_shapes.yaml": {"sem_seg": 70},
+    "SparseInst/sparse_inst_r18_giam_shapes.yaml": {"segm": 37},
+    "quick/mask_rcnn_shapes.yaml": {"bbox": 46, "segm": 19},
+    "quick/semantic_fpn_shapes.yaml": {"sem_seg": 61},
 }
 
-# What each fit reached when the bars were set (2 Dec 2026, this project's 2-core machine,
-# `OMP_NUM_THREADS=1 .venv/bin/python -m pytest -s tests/test_learning.py`: the fits run in
-# one-thread worker processes, so these repeat exactly on this machine). The bars are about
-# 70 % of these. SOLO's low value is the plan (80 iterations at 64 px, where SOLO's grids
-# are coarse for its smallest level), not a bound on the method.
+# What each fit reached (6 Dec 2026, this project's 2-core machine, one thread): the lowest
+# and highest value over the fit itself and the same fit with its initial weights perturbed
+# by 1e-7, 2e-7 (and 3e-7 where a plan changed), which stand in for another CPU's rounding
+# (tools/fit_spread.py; tests/fitting.py, PLANS). The bars are about 70 % of the lowest.
+# SOLO's low value is the plan (80 iterations at 64 px, where SOLO's grids are coarse for its
+# smallest level), not a bound on the method.
 REACHED = {
-    "BlendMask/blendmask_R18_shapes.yaml": {"bbox": 59.6, "segm": 54.7},
-    "CondInst/condinst_R18_shapes.yaml": {"bbox": 28.5, "segm": 44.8},
-    "FCOS/fcos_R18_shapes.yaml": {"bbox": 71.8},
-    "FCOS/retinanet_shapes.yaml": {"bbox": 98.6},
-    "MEInst/meinst_R18_shapes.yaml": {"bbox": 62.2, "segm": 52.4},
-    "PointINS/pointins_fcos_R18_shapes.yaml": {"bbox": 71.8, "segm": 47.1},
-    "PointINS/pointins_retinanet_R18_shapes.yaml": {"bbox": 89.1, "segm": 42.4},
-    "PointRend/pointrend_rcnn_R18_shapes.yaml": {"bbox": 51.7, "segm": 49.3},
-    "PointRend/pointrend_semantic_R18_shapes.yaml": {"sem_seg": 89.6},
-    "PointRend/pointrend_sparseinst_r18_giam_shapes.yaml": {"segm": 34.0},
-    "SOLO/decoupled_solo_shapes.yaml": {"segm": 34.7},
-    "SOLO/solo_shapes.yaml": {"segm": 14.5},
-    "SOLO/solov2_shapes.yaml": {"segm": 29.5},
-    "SparseInst/sparse_inst_r18_giam_shapes.yaml": {"segm": 41.2},
-    "quick/mask_rcnn_shapes.yaml": {"bbox": 43.2, "segm": 17.0},
-    "quick/semantic_fpn_shapes.yaml": {"sem_seg": 89.1},
+    "BlendMask/blendmask_R18_shapes.yaml": {"bbox": (59.6, 64.6), "segm": (51.6, 55.5)},
+    "CondInst/condinst_R18_shapes.yaml": {"bbox": (28.5, 73.9), "segm": (42.2, 45.2)},
+    "FCOS/fcos_R18_shapes.yaml": {"bbox": (58.1, 85.7)},
+    "FCOS/retinanet_shapes.yaml": {"bbox": (98.6, 99.6)},
+    "MEInst/meinst_R18_shapes.yaml": {"bbox": (57.5, 80.8), "segm": (52.0, 77.4)},
+    "PointINS/pointins_fcos_R18_shapes.yaml": {"bbox": (68.8, 75.4), "segm": (41.3, 47.1)},
+    "PointINS/pointins_retinanet_R18_shapes.yaml": {"bbox": (87.1, 89.5), "segm": (41.9, 42.4)},
+    "PointRend/pointrend_rcnn_R18_shapes.yaml": {"bbox": (43.5, 51.7), "segm": (45.0, 49.3)},
+    "PointRend/pointrend_semantic_R18_shapes.yaml": {"sem_seg": (89.1, 89.6)},
+    "PointRend/pointrend_sparseinst_r18_giam_shapes.yaml": {"segm": (68.2, 78.6)},
+    "SOLO/decoupled_solo_shapes.yaml": {"segm": (34.7, 34.7)},
+    "SOLO/solo_shapes.yaml": {"segm": (14.0, 15.4)},
+    "SOLO/solov2_shapes.yaml": {"segm": (29.2, 29.7)},
+    "SparseInst/sparse_inst_r18_giam_shapes.yaml": {"segm": (53.8, 60.2)},
+    "quick/mask_rcnn_shapes.yaml": {"bbox": (66.5, 75.0), "segm": (27.5, 39.0)},
+    "quick/semantic_fpn_shapes.yaml": {"sem_seg": (87.9, 89.1)},
 }
 
 
@@ -84,5 +86,5 @@ def test_method_learns_to_a_real_bar(config):
         seen[task] = value
         assert value >= bar, (f"{config}: {task} {metric} {value:.1f} < bar {bar} after "
                               f"fitting {len(fit.batch)} images for {len(fit.losses)} iterations "
-                              f"(reached {REACHED.get(config, {}).get(task)} when the bar was set)")
+                              f"(reached {REACHED.get(config, {}).get(task)} over perturbed fits when the bar was set)")
     print(config, {k: round(v, 1) for k, v in seen.items()}, f"fit {fit.seconds:.1f} s")
