@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import d2seg  # noqa: F401  (registers SparseInst)
 from d2seg.config import get_d2seg_cfg
-from d2seg.sparseinst.decoder import GroupInstanceBranch, aggregate_instance_features, coordinate_features
+from d2seg.sparseinst.decoder import (GroupInstanceBranch, aggregate_instance_features, coordinate_features,
+                                      iam_location_prior)
 from d2seg.sparseinst.encoder import adaptive_avg_pool2d_exportable
 from d2seg.sparseinst.loss import SparseInstCriterion, dice_loss, mask_iou, sigmoid_focal_loss
 from d2seg.sparseinst.matcher import SparseInstMatcher, dice_coefficient, hungarian_match, matching_score
@@ -189,6 +190,46 @@ def test_group_iam_concatenates_groups_per_instance():
     logits, kernels, obj, _ = br(x)
     assert torch.allclose(logits, br.cls_score(F.relu(br.fc(manual))), atol=1e-6)
     assert kernels.shape == (1, 3, 4) and obj.shape == (1, 3, 1)
+
+
+def test_iam_location_prior_places_each_instance_on_its_grid_cell():
+    # 9 instances on a 3 x 3 grid over a 6 x 6 map: instance i peaks on the 2 x 2 block of cell i
+    prior = iam_location_prior(9, 6, 6, sigma=0.1)
+    assert prior.shape == (9, 6, 6) and (prior <= 0).all()
+    for i in range(9):
+        r, c = divmod(i, 3)
+        peak = prior[i] > prior[i].max() - 1e-4
+        assert peak[2 * r:2 * r + 2, 2 * c:2 * c + 2].all() and peak.sum() == 4
+    # -d^2 / (2 sigma^2) by hand: instance 0's centre is (1/6, 1/6); pixel (0, 5) at (1/12, 11/12)
+    d2 = (1 / 12 - 1 / 6) ** 2 + (11 / 12 - 1 / 6) ** 2
+    assert math.isclose(prior[0, 0, 5].item(), -d2 / 0.02, rel_tol=1e-5)
+    # N not a square: 10 instances on a 4 x 4 grid, the last one in row 2
+    assert iam_location_prior(10, 8, 8, 0.1)[9].argmax().item() == 4 * 8 + 2
+
+
+def test_location_prior_off_by_default_and_localises_aggregation_when_on():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8, 8)
+    off = GroupInstanceBranch(6, groups=2, dim=8, num_convs=1, num_masks=4, kernel_dim=4, num_classes=2)
+    on = GroupInstanceBranch(6, groups=2, dim=8, num_convs=1, num_masks=4, kernel_dim=4, num_classes=2,
+                             location_prior=0.15)
+    on.load_state_dict(off.state_dict())  # the prior adds no parameters: checkpoints load either way
+    assert off.location_prior == 0.0 and tiny_cfg().MODEL.SPARSE_INST.DECODER.IAM_LOCATION_PRIOR == 0.0
+    iam_off, iam_on = off(x)[3], on(x)[3]
+    prior = iam_location_prior(4, 8, 8, 0.15).repeat(2, 1, 1)
+    assert torch.allclose(iam_on, iam_off + prior, atol=1e-6)
+    # with the prior the 4 instances' maps put most of their mass in their own quadrant
+    a = iam_on.sigmoid()[0, :4]
+    mass = a / a.sum((1, 2), keepdim=True)
+    quads = [mass[0, :4, :4], mass[1, :4, 4:], mass[2, 4:, :4], mass[3, 4:, 4:]]
+    assert all(q.sum() > 0.8 for q in quads)
+    with pytest.raises(ValueError, match="IAM_LOCATION_PRIOR"):
+        GroupInstanceBranch(6, groups=2, dim=8, num_convs=1, num_masks=4, kernel_dim=4, num_classes=2,
+                            location_prior=-1.0)
+    cfg = tiny_cfg(num_masks=4)
+    cfg.MODEL.SPARSE_INST.DECODER.IAM_LOCATION_PRIOR = 0.15
+    model = build_model(cfg)
+    assert model.decoder.inst_branch.location_prior == 0.15
 
 
 @pytest.mark.parametrize("h,w", [(5, 7), (6, 6), (4, 9)])

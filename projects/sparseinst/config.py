@@ -51,6 +51,12 @@ def add_sparseinst_config(cfg):
     # Kernel x mask-feature product: "auto" uses d2seg.layers.dynamic_kernel_product (plain
     # PyTorch per-image matmuls, not a compiled op) when it exists, "torch" always uses bmm.
     si.DECODER.KERNEL_PRODUCT = "torch"
+    # d2seg's departure for training from scratch (docs/sparseinst.md, issue 16): when > 0,
+    # the IAM logits of instance i get a log-Gaussian prior of this sigma (map coordinates
+    # in [0, 1]) around the i-th cell of a ceil(sqrt(N))^2 grid, so that instances start
+    # from different places instead of the same near-uniform average. 0 = off (the paper's
+    # and the reference's decoder; their checkpoints assume it).
+    si.DECODER.IAM_LOCATION_PRIOR = 0.0
     si.DECODER.INST = CN()
     si.DECODER.INST.DIM = 256
     si.DECODER.INST.CONVS = 4

@@ -49,6 +49,26 @@ def coordinate_features(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x_map, y_map], dim=1)
 
 
+def iam_location_prior(num_masks: int, h: int, w: int, sigma: float, device=None, dtype=None) -> torch.Tensor:
+    """Log-Gaussian location prior for the activation maps (d2seg's departure, off by default).
+
+    Instance ``i`` of ``num_masks`` is given a cell of a ceil(sqrt(N)) x ceil(sqrt(N)) grid over
+    the map (row-major) and the prior ``-d^2 / (2 sigma^2)``, ``d`` the distance from the
+    cell's centre in coordinates normalised to [0, 1] (pixel centres). Added to the IAM logits
+    before the sigmoid, it makes instance ``i`` aggregate features near its cell first, so
+    that from-scratch features, which do not yet tell objects apart, still give every
+    instance different features (docs/sparseinst.md). Returns (N, H, W).
+    """
+    r = math.ceil(math.sqrt(num_masks))
+    idx = torch.arange(num_masks, device=device)
+    cy = ((idx // r).to(dtype or torch.float32) + 0.5) / r
+    cx = ((idx % r).to(dtype or torch.float32) + 0.5) / r
+    ys = (torch.arange(h, device=device, dtype=dtype or torch.float32) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=dtype or torch.float32) + 0.5) / w
+    d2 = (ys.view(1, h, 1) - cy.view(-1, 1, 1)) ** 2 + (xs.view(1, 1, w) - cx.view(-1, 1, 1)) ** 2
+    return -d2 / (2.0 * sigma * sigma)
+
+
 def aggregate_instance_features(iam_prob: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """z = A_bar X^T: features averaged under each activation map, each map normalised to 1.
 
@@ -87,9 +107,12 @@ class InstanceBranch(nn.Module):
     groups = 1
 
     def __init__(self, in_channels, dim=256, num_convs=4, num_masks=100, kernel_dim=128, num_classes=80,
-                 norm="", prior_prob=0.01):
+                 norm="", prior_prob=0.01, location_prior=0.0):
         super().__init__()
         self.num_masks = num_masks
+        if location_prior < 0:
+            raise ValueError(f"MODEL.SPARSE_INST.DECODER.IAM_LOCATION_PRIOR must be >= 0 (0 = off), got {location_prior}")
+        self.location_prior = float(location_prior)
         self.inst_convs = stack_3x3_convs(num_convs, in_channels, dim, norm)
         self.iam_conv = self._make_iam_conv(dim, num_masks)
         feat_dim = dim * self.groups
@@ -119,9 +142,17 @@ class InstanceBranch(nn.Module):
     def instance_features(self, iam_prob, features):
         return aggregate_instance_features(iam_prob, features)
 
+    def add_location_prior(self, iam: torch.Tensor) -> torch.Tensor:
+        """IAM logits (B, G*N, H, W) + the location prior of each instance (same in every group)."""
+        if self.location_prior <= 0:
+            return iam
+        h, w = iam.shape[-2:]
+        prior = iam_location_prior(self.num_masks, h, w, self.location_prior, iam.device, iam.dtype)
+        return iam + prior.repeat(self.groups, 1, 1).unsqueeze(0)
+
     def forward(self, x):
         features = self.inst_convs(x)
-        iam = self.iam_conv(features)
+        iam = self.add_location_prior(self.iam_conv(features))
         z = self.instance_features(iam.sigmoid(), features)
         return self.cls_score(z), self.mask_kernel(z), self.objectness(z), iam
 
@@ -184,11 +215,11 @@ class BaseIAMDecoder(nn.Module):
 
     def __init__(self, in_channels, num_masks=100, num_classes=80, kernel_dim=128, inst_dim=256, inst_convs=4,
                  mask_dim=256, mask_convs=4, scale_factor=2.0, groups=4, norm="", output_iam=False,
-                 kernel_product="torch"):
+                 kernel_product="torch", location_prior=0.0):
         super().__init__()
         c = in_channels + 2
         kw = dict(dim=inst_dim, num_convs=inst_convs, num_masks=num_masks, kernel_dim=kernel_dim,
-                  num_classes=num_classes, norm=norm)
+                  num_classes=num_classes, norm=norm, location_prior=location_prior)
         if self.branch_class is GroupInstanceBranch:
             kw["groups"] = groups
         self.inst_branch = self.branch_class(c, **kw)
@@ -212,7 +243,7 @@ class BaseIAMDecoder(nn.Module):
         return cls(in_channels, num_masks=d.NUM_MASKS, num_classes=d.NUM_CLASSES, kernel_dim=d.KERNEL_DIM,
                    inst_dim=d.INST.DIM, inst_convs=d.INST.CONVS, mask_dim=d.MASK.DIM, mask_convs=d.MASK.CONVS,
                    scale_factor=d.SCALE_FACTOR, groups=d.GROUPS, norm=d.NORM, output_iam=d.OUTPUT_IAM,
-                   kernel_product=d.KERNEL_PRODUCT)
+                   kernel_product=d.KERNEL_PRODUCT, location_prior=d.IAM_LOCATION_PRIOR)
 
     def forward(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = torch.cat([coordinate_features(features), features], dim=1)
