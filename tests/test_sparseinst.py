@@ -93,6 +93,32 @@ def test_matcher_prefers_mask_overlap_over_class():
     assert rows.tolist() == [1] and cols.tolist() == [0]
 
 
+def test_matcher_location_term_gives_objects_to_nearby_grid_cells():
+    from d2seg.sparseinst.matcher import grid_cell_centres, mask_centroids
+
+    # 4 predictions on a 2 x 2 grid over a 4 x 4 mask map; identical predictions (the
+    # symmetric start), two objects: one in the bottom-right quadrant, one top-left
+    gt = torch.zeros(2, 4, 4)
+    gt[0, 2:, 2:] = 1.0
+    gt[1, 0, 0] = 1.0
+    cells = grid_cell_centres(4)
+    assert torch.allclose(cells, torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]))
+    assert torch.allclose(mask_centroids(gt.flatten(1), (4, 4)), torch.tensor([[0.75, 0.75], [0.125, 0.125]]))
+    assert torch.allclose(mask_centroids(torch.zeros(1, 16), (4, 4)), torch.tensor([[0.5, 0.5]]))
+    logits = torch.zeros(4, 3)
+    masks = torch.zeros(4, 16)
+    classes = torch.tensor([0, 2])
+    rows, cols = SparseInstMatcher(0.8, 0.2, location_sigma=0.1)(logits, masks, classes, gt.flatten(1), mask_hw=(4, 4))
+    assert dict(zip(cols.tolist(), rows.tolist())) == {0: 3, 1: 0}
+    # the term multiplies the paper's score: off (0) by default, which is the reference's matching
+    ref = SparseInstMatcher(0.8, 0.2)
+    assert ref.location_sigma == 0.0 and tiny_cfg().MODEL.SPARSE_INST.MATCHER.LOCATION_SIGMA == 0.0
+    with pytest.raises(ValueError, match="mask_hw"):
+        SparseInstMatcher(0.8, 0.2, location_sigma=0.1)(logits, masks, classes, gt.flatten(1))
+    with pytest.raises(ValueError, match="LOCATION_SIGMA"):
+        SparseInstMatcher(0.8, 0.2, location_sigma=-0.1)
+
+
 # ----------------------------------------------------------------------------- losses
 def test_focal_loss_by_hand():
     logits = torch.tensor([0.0, 0.0, 2.0])

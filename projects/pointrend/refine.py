@@ -230,7 +230,8 @@ def _register_sparseinst_variant():
             m_logits, m_batch, m_gt = [], [], []
             for i, inst in enumerate(instances):
                 rows, cols = self.criterion.matcher(outputs["pred_logits"][i], flat[i], gt_classes[i].to(flat.device),
-                                                    gt_masks[i].to(flat).flatten(1))
+                                                    gt_masks[i].to(flat).flatten(1),
+                                                    mask_hw=outputs["pred_masks"].shape[-2:])
                 if len(rows) == 0:
                     continue
                 gm = inst.gt_masks

@@ -86,6 +86,12 @@ def add_sparseinst_config(cfg):
     si.MATCHER = CN()
     si.MATCHER.ALPHA = 0.8
     si.MATCHER.BETA = 0.2
+    # d2seg's departure for training from scratch (docs/sparseinst.md), used with
+    # DECODER.IAM_LOCATION_PRIOR: when > 0 the matching score of prediction i and object k is
+    # also multiplied by exp(-d^2 / (2 sigma^2)), d the distance (map coordinates in [0, 1])
+    # from prediction i's grid cell to the object's mask centroid, so that an object is given
+    # to a prediction that starts near it. 0 = off (the paper's and the reference's matching).
+    si.MATCHER.LOCATION_SIGMA = 0.0
 
     # ResNet-D ("R-50-d", timm naming as in hustvl/SparseInst's resnet50d checkpoints):
     # deep 3x3 stem of this width, average-pool shortcut. Uses MODEL.RESNETS.DEPTH /

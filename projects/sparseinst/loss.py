@@ -77,7 +77,7 @@ class SparseInstCriterion:
     @classmethod
     def from_config(cls, cfg):
         si = cfg.MODEL.SPARSE_INST
-        return cls(si.DECODER.NUM_CLASSES, SparseInstMatcher(si.MATCHER.ALPHA, si.MATCHER.BETA),
+        return cls(si.DECODER.NUM_CLASSES, SparseInstMatcher(si.MATCHER.ALPHA, si.MATCHER.BETA, si.MATCHER.LOCATION_SIGMA),
                    si.LOSS.CLASS_WEIGHT, si.LOSS.MASK_DICE_WEIGHT, si.LOSS.MASK_PIXEL_WEIGHT,
                    si.LOSS.OBJECTNESS_WEIGHT, si.LOSS.FOCAL_ALPHA, si.LOSS.FOCAL_GAMMA)
 
@@ -105,7 +105,7 @@ class SparseInstCriterion:
             if tgt_i.shape[0] and tgt_i.shape[1] != flat_masks.shape[-1]:
                 raise ValueError(f"image {i}: target masks have {tgt_i.shape[1]} pixels, predictions "
                                  f"{flat_masks.shape[-1]}; resize targets to the mask output size")
-            rows, cols = self.matcher(logits[i], flat_masks[i], cls_i, tgt_i)
+            rows, cols = self.matcher(logits[i], flat_masks[i], cls_i, tgt_i, mask_hw=masks.shape[-2:])
             rows, cols = rows.to(logits.device), cols.to(logits.device)
             batch_idx.append(torch.full_like(rows, i))
             pred_idx.append(rows)

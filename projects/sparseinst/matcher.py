@@ -4,7 +4,8 @@
 Shapes: N predictions, K ground-truth instances, P pixels of the mask output (Hm * Wm),
 C classes.
 """
-from typing import Tuple
+import math
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +34,29 @@ def matching_score(class_probs: torch.Tensor, gt_classes: torch.Tensor, pred_pro
     return p.pow(beta) * dice_coefficient(pred_probs, gt_masks).pow(alpha)
 
 
+def grid_cell_centres(num_predictions: int, device=None) -> torch.Tensor:
+    """(x, y) centres in [0, 1] of prediction i's cell on a ceil(sqrt(N))^2 grid (row-major):
+    the cells of ``MODEL.SPARSE_INST.DECODER.IAM_LOCATION_PRIOR``. -> (N, 2)."""
+    r = math.ceil(math.sqrt(num_predictions))
+    idx = torch.arange(num_predictions, device=device)
+    return torch.stack([(idx % r).float() + 0.5, (idx // r).float() + 0.5], dim=1) / r
+
+
+def mask_centroids(masks: torch.Tensor, hw) -> torch.Tensor:
+    """(x, y) centroids in [0, 1] (pixel centres) of (K, H*W) soft masks; an empty mask gives
+    the map's centre. -> (K, 2)."""
+    h, w = int(hw[0]), int(hw[1])
+    m = masks.float().view(-1, h, w)
+    total = m.sum((1, 2)).clamp(min=1e-6)
+    ys = (torch.arange(h, device=m.device, dtype=m.dtype) + 0.5) / h
+    xs = (torch.arange(w, device=m.device, dtype=m.dtype) + 0.5) / w
+    cx = (m.sum(1) * xs).sum(1) / total
+    cy = (m.sum(2) * ys).sum(1) / total
+    empty = m.sum((1, 2)) <= 0
+    cx[empty], cy[empty] = 0.5, 0.5
+    return torch.stack([cx, cy], dim=1)
+
+
 def hungarian_match(score: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Maximum-score one-to-one assignment of a (N, K) score matrix.
 
@@ -52,17 +76,31 @@ def hungarian_match(score: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 class SparseInstMatcher:
     """Matches each image's predictions to its ground truths with the dice-based score."""
 
-    def __init__(self, alpha: float = 0.8, beta: float = 0.2):
+    def __init__(self, alpha: float = 0.8, beta: float = 0.2, location_sigma: float = 0.0):
         self.alpha = alpha
         self.beta = beta
+        if location_sigma < 0:
+            raise ValueError(f"MODEL.SPARSE_INST.MATCHER.LOCATION_SIGMA must be >= 0 (0 = off), got {location_sigma}")
+        self.location_sigma = float(location_sigma)
 
     @torch.no_grad()
-    def __call__(self, pred_logits, pred_masks, gt_classes, gt_masks):
+    def __call__(self, pred_logits, pred_masks, gt_classes, gt_masks, mask_hw: Optional[Tuple[int, int]] = None):
         """pred_logits: (N, C) class logits; pred_masks: (N, P) mask logits; gt_classes: (K,);
-        gt_masks: (K, P) targets in [0, 1]. Returns (pred_idx, gt_idx) as in :func:`hungarian_match`.
+        gt_masks: (K, P) targets in [0, 1]; mask_hw: (Hm, Wm) with Hm * Wm = P, needed only
+        with ``location_sigma``. Returns (pred_idx, gt_idx) as in :func:`hungarian_match`.
+
+        With ``location_sigma`` > 0 (d2seg's departure, off by default) the score is further
+        multiplied by exp(-d^2 / (2 sigma^2)), d the distance between prediction i's grid
+        cell (``grid_cell_centres``) and object k's mask centroid.
         """
         if gt_classes.numel() == 0:
             return hungarian_match(pred_logits.new_zeros(pred_logits.shape[0], 0))
         score = matching_score(pred_logits.float().sigmoid(), gt_classes, pred_masks.float().sigmoid(),
                                gt_masks.float(), self.alpha, self.beta)
+        if self.location_sigma > 0:
+            if mask_hw is None:
+                raise ValueError("MATCHER.LOCATION_SIGMA needs the mask size (mask_hw)")
+            cells = grid_cell_centres(pred_logits.shape[0], score.device)
+            d2 = torch.cdist(cells, mask_centroids(gt_masks, mask_hw).to(cells)).pow(2)
+            score = score * torch.exp(-d2 / (2.0 * self.location_sigma ** 2))
         return hungarian_match(score)
