@@ -66,6 +66,10 @@ PLANS = {
     "SparseInst/sparse_inst_r18_giam_shapes.yaml": FitPlan(iters=160),
     "PointRend/pointrend_sparseinst_r18_giam_shapes.yaml": FitPlan(iters=160),
     "FCOS/fcos_R18_shapes.yaml": FitPlan(iters=120),
+    # with d2seg's location keys SparseInst's fit is robust at 80 iterations (45.0-59.0 box,
+    # 55.5-61.9 mask AP over the fit and three perturbed ones; the reference decoder at 80:
+    # 19.9-41.2 mask AP)
+    "SparseInst/sparse_inst_r18_giam_loc_shapes.yaml": FitPlan(iters=80),
     # semantic models overfit four images in a few dozen iterations
     "quick/semantic_fpn_shapes.yaml": FitPlan(iters=40),
     "PointRend/pointrend_semantic_R18_shapes.yaml": FitPlan(iters=40),
@@ -222,7 +226,7 @@ COST = {
     "PointRend/pointrend_rcnn_R18_shapes.yaml": 1, "quick/semantic_fpn_shapes.yaml": 0.5,
     "PointRend/pointrend_sparseinst_r18_giam_shapes.yaml": 3.5, "FCOS/fcos_R18_shapes.yaml": 2,
     "PointRend/pointrend_semantic_R18_shapes.yaml": 0.6, "BlendMask/blendmask_R18_shapes.yaml": 1.4,
-    "SOLO/solov2_shapes.yaml": 1.5,
+    "SOLO/solov2_shapes.yaml": 1.5, "SparseInst/sparse_inst_r18_giam_loc_shapes.yaml": 1.6,
 }
 
 
