@@ -59,10 +59,10 @@ def iam_location_prior(num_masks: int, h: int, w: int, sigma: float, device=None
     that from-scratch features, which do not yet tell objects apart, still give every
     instance different features (docs/sparseinst.md). Returns (N, H, W).
     """
-    r = math.ceil(math.sqrt(num_masks))
-    idx = torch.arange(num_masks, device=device)
-    cy = ((idx // r).to(dtype or torch.float32) + 0.5) / r
-    cx = ((idx % r).to(dtype or torch.float32) + 0.5) / r
+    from .matcher import grid_cell_centres  # the cells MATCHER.LOCATION_SIGMA measures from
+
+    cells = grid_cell_centres(num_masks, device).to(dtype or torch.float32)
+    cx, cy = cells[:, 0], cells[:, 1]
     ys = (torch.arange(h, device=device, dtype=dtype or torch.float32) + 0.5) / h
     xs = (torch.arange(w, device=device, dtype=dtype or torch.float32) + 0.5) / w
     d2 = (ys.view(1, h, 1) - cy.view(-1, 1, 1)) ** 2 + (xs.view(1, 1, w) - cx.view(-1, 1, 1)) ** 2
