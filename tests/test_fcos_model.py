@@ -24,14 +24,9 @@ from d2seg.fcos import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine, 2 threads spin-wait and make
-    these tiny tensors ~100x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one intra-op thread (conftest.one_thread): on the shared 2-core machine, 2 threads spin-wait
+# and make these tiny tensors ~100x slower
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 IMG = 64
 

@@ -12,17 +12,12 @@ fixture's ``train_seed`` is set before the training forward on both sides: RPN /
 subsampling and the random point selection then draw the same numbers). The reference is not
 needed.
 """
-import os
-import sys
-
 import pytest
 import torch
+from parity_common import batch, converted_model, load_fixture
 
 # the fixtures were computed with one thread (conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "tests", "data", "reference")
 
 
 def _tol(ref):
@@ -30,32 +25,11 @@ def _tol(ref):
 
 
 def _build(name):
-    from detectron2.modeling import build_model
-
-    from d2seg.engine import setup_cfg
-    from d2seg.model_zoo import convert_state_dict
-    from d2seg.model_zoo.converters import compare_with_model
-
     torch.set_num_threads(1)
-    fx = torch.load(os.path.join(DATA, name), map_location="cpu", weights_only=False)
+    fx = load_fixture(name)
     # no training data set: the narrowed class count need not match COCO's / Cityscapes'
-    opts = [str(x) for x in fx["d2seg_opts"]] + ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]
-    cfg = setup_cfg(os.path.join(ROOT, fx["d2seg_config"]), opts, freeze=False)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    model = build_model(cfg)
-    result = convert_state_dict({"model": fx["weights"]}, source="pointrend-upstream",
-                                target_keys=model.state_dict().keys())
-    missing, unexpected, shapes = compare_with_model(result.state_dict, model.state_dict())
-    assert not (missing or unexpected or shapes), (missing, unexpected, shapes)
-    model.load_state_dict(result.state_dict, strict=True)
+    cfg, model = converted_model(fx, "pointrend-upstream", ["DATASETS.TRAIN", "()", "DATASETS.TEST", "()"])
     return fx, cfg, model
-
-
-def _inputs(fx):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from reference_fixtures import to_detectron2_inputs
-    return to_detectron2_inputs(fx["inputs"])
 
 
 def _losses(fx, model):
@@ -64,7 +38,7 @@ def _losses(fx, model):
     model.train()
     with EventStorage(0), torch.no_grad():
         torch.manual_seed(fx["train_extra"]["train_seed"])
-        return {k: float(v) for k, v in model(_inputs(fx)).items()}
+        return {k: float(v) for k, v in model(batch(fx)).items()}
 
 
 def _check_losses(fx, losses):
@@ -101,7 +75,7 @@ def test_instance_outputs_and_results(instance):
                  lambda _m, _i, out: head.__setitem__("coarse_mask", out.detach()))]
     model.eval()
     with torch.no_grad():
-        results = model(_inputs(fx))
+        results = model(batch(fx))
     for h in hooks:
         h.remove()
     for k, ref in fx["outputs"]["head"].items():
@@ -139,7 +113,7 @@ def test_semantic_outputs_and_results(semantic):
         lambda _m, _i, out: head.__setitem__("coarse_sem_seg", out.detach()))
     model.eval()
     with torch.no_grad():
-        results = model(_inputs(fx))
+        results = model(batch(fx))
     h.remove()
     for k, ref in fx["outputs"]["head"].items():
         diff = float((head[k] - ref).abs().max())

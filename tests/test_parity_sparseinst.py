@@ -7,15 +7,13 @@ from the shipped ``configs/SparseInst/sparse_inst_r50_giam.yaml`` (with only the
 width overrides) and must reproduce the decoder's outputs (``pred_logits``, ``pred_masks``,
 ``pred_scores``), the final instances and every training loss. The reference is not needed.
 """
-import os
-
 import pytest
 import torch
+from parity_common import batch, converted_model, load_fixture
 
 # the fixtures were computed with one thread (conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "data", "reference", "sparseinst.pt")
 LOSS_NAMES = {"loss_ce": "loss_cls", "loss_dice": "loss_dice", "loss_mask": "loss_mask",
               "loss_objectness": "loss_objectness"}
 
@@ -26,32 +24,10 @@ def _tol(ref):
 
 @pytest.fixture(scope="module")
 def setup():
-    from detectron2.modeling import build_model
-
-    from d2seg.engine import setup_cfg
-    from d2seg.model_zoo import convert_state_dict
-    from d2seg.model_zoo.converters import compare_with_model
-
     torch.set_num_threads(1)
-    fx = torch.load(FIXTURE, map_location="cpu", weights_only=False)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = setup_cfg(os.path.join(root, fx["d2seg_config"]), [str(x) for x in fx["d2seg_opts"]], freeze=False)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    model = build_model(cfg)
-    result = convert_state_dict({"model": fx["weights"]}, source="sparseinst",
-                                target_keys=model.state_dict().keys())
-    missing, unexpected, shapes = compare_with_model(result.state_dict, model.state_dict())
-    assert not (missing or unexpected or shapes), (missing, unexpected, shapes)
-    model.load_state_dict(result.state_dict, strict=True)
+    fx = load_fixture("sparseinst.pt")
+    cfg, model = converted_model(fx, "sparseinst")
     return fx, cfg, model
-
-
-def _inputs(fx):
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-    from reference_fixtures import to_detectron2_inputs
-    return to_detectron2_inputs(fx["inputs"])
 
 
 def test_fixture_records_reference(setup):
@@ -72,7 +48,7 @@ def test_head_outputs_and_results(setup):
     h = model.decoder.register_forward_hook(hook)
     model.eval()
     with torch.no_grad():
-        results = model(_inputs(fx))
+        results = model(batch(fx))
     h.remove()
     for k, ref in fx["outputs"]["head"].items():
         diff = float((head[k] - ref).abs().max())
@@ -91,7 +67,7 @@ def test_head_outputs_and_results(setup):
 def test_training_losses(setup):
     fx, _, model = setup
     model.train()
-    losses = model(_inputs(fx))
+    losses = model(batch(fx))
     assert set(losses) == {LOSS_NAMES[k] for k in fx["losses"]}
     for k, ref in fx["losses"].items():
         got = float(losses[LOSS_NAMES[k]].detach())
