@@ -1,6 +1,7 @@
 """tools/gallery.py: the matching that counts what a model got right (by hand), and the tool
 end to end on freshly initialised models (real checkpoint files, real shapes data)."""
 import importlib.util
+import logging
 import os
 
 import numpy as np
@@ -74,6 +75,9 @@ def test_tool_end_to_end_on_initialised_models(tmp_path, capsys):
     assert objects > 0 and right + wrong + missed == objects and unmatched >= 0
     assert "pixel accuracy" in rows[3]
     assert rows[2] in capsys.readouterr().out
+    # the process is left as it was: the rest of the suite trains in it, and reads d2seg's logs
+    assert torch.is_grad_enabled()
+    assert logging.getLogger("d2seg").propagate
 
 
 def test_tool_names_a_missing_weights_file(tmp_path, capsys):

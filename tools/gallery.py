@@ -200,19 +200,18 @@ def run_model(config, weights, args, logger):
 
 
 def main(argv=None):
+    """Leaves the process as it found it (grad mode, loggers): the tests call it in-process."""
     args = get_parser().parse_args(argv)
-    logger = setup_logger(name="gallery")
-    setup_logger(name="d2seg")
-    logging.getLogger("fvcore").setLevel(logging.WARNING)
+    logger = logging.getLogger("gallery")
     for config, weights in args.model:
         for path in (config, weights):
             if not os.path.isfile(path):
                 print(f"error: file not found: {path}", file=sys.stderr)
                 return 2
-    torch.set_grad_enabled(False)
     rows = [HEADER]
     for config, weights in args.model:
-        row, _ = run_model(config, weights, args, logger)
+        with torch.no_grad():
+            row, _ = run_model(config, weights, args, logger)
         rows.append(row)
         print(row, flush=True)
     with open(os.path.join(args.output, "gallery_rows.md"), "w") as f:
@@ -221,4 +220,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    setup_logger(name="gallery")
+    setup_logger(name="d2seg")
+    logging.getLogger("fvcore").setLevel(logging.WARNING)
     sys.exit(main())
