@@ -72,6 +72,22 @@ def output_path(args, path, n_inputs):
     return os.path.join(args.output, stem + ".png")
 
 
+def build_predictor(cfg, weights=None):
+    """A DefaultPredictor of ``cfg`` with ``weights`` (default: cfg.MODEL.WEIGHTS; none if
+    empty). Built without weights (Detectron2's own loader would unpickle any file), then
+    loaded by d2seg's checkpointer: checked downloads, weights_only loading, the .pkl rule
+    and automatic conversion of AdelaiDet / SparseInst / upstream PointRend checkpoints."""
+    weights = cfg.MODEL.WEIGHTS if weights is None else weights
+    bare = cfg.clone()
+    bare.defrost()
+    bare.MODEL.WEIGHTS = ""
+    bare.freeze()
+    predictor = DefaultPredictor(bare)
+    if weights:
+        AtomicCheckpointer(predictor.model).load(weights)
+    return predictor
+
+
 def visualise(image_rgb, predictions, metadata, threshold, scale=1.0):
     """(picture, number of instances drawn or None for a semantic map, highest score seen
     or None)."""
@@ -100,16 +116,7 @@ def main(argv=None):
     cfg = setup_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", device])
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: predicting with randomly initialised weights")
-    # Built without weights (Detectron2's own loader would unpickle any file), then loaded by
-    # d2seg's checkpointer: checked downloads, weights_only loading, the .pkl rule and
-    # automatic conversion of AdelaiDet / SparseInst / upstream PointRend checkpoints.
-    bare = cfg.clone()
-    bare.defrost()
-    bare.MODEL.WEIGHTS = ""
-    bare.freeze()
-    predictor = DefaultPredictor(bare)
-    if cfg.MODEL.WEIGHTS:
-        AtomicCheckpointer(predictor.model).load(cfg.MODEL.WEIGHTS)
+    predictor = build_predictor(cfg)
     dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused"
     metadata = MetadataCatalog.get(dataset)
 

@@ -29,9 +29,8 @@ import sys
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
-from detectron2.structures import BoxMode
+from detectron2.data.detection_utils import annotations_to_instances, read_image
+from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.logger import setup_logger
 from PIL import Image
 
@@ -40,7 +39,6 @@ import demo  # noqa: E402  (tools/demo.py: the same drawing as the demo)
 
 import d2seg  # noqa: E402,F401  (registers every method and the built-in data sets)
 from d2seg.engine import setup_cfg  # noqa: E402
-from d2seg.engine.checkpoint import AtomicCheckpointer  # noqa: E402
 
 HEADER = ("| config | threshold | objects | right class | wrong class | missed | unmatched drawn |\n"
           "|---|---|---|---|---|---|---|")
@@ -74,12 +72,9 @@ def _iou_matrix(pred, gt):
 
 
 def _box_iou(pred, gt):
-    """IoU of XYXY boxes (N x 4 against M x 4)."""
-    lt = np.maximum(pred[:, None, :2], gt[None, :, :2])
-    rb = np.minimum(pred[:, None, 2:], gt[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
-    return inter / np.maximum(area(pred)[:, None] + area(gt)[None, :] - inter, 1e-9)
+    """IoU of XYXY boxes (N x 4 against M x 4), as numpy."""
+    return pairwise_iou(Boxes(torch.as_tensor(pred, dtype=torch.float64)),
+                        Boxes(torch.as_tensor(gt, dtype=torch.float64))).numpy()
 
 
 def count_matches(scores, classes, iou, gt_classes, thresh=0.5):
@@ -102,23 +97,13 @@ def count_matches(scores, classes, iou, gt_classes, thresh=0.5):
 
 
 def _gt_of(record):
-    from pycocotools import mask as mask_util
-
+    """(classes, XYXY boxes, bool masks) of a record's objects, by Detectron2's own decoding
+    (polygons or RLE)."""
     anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
-    classes = np.array([a["category_id"] for a in anns], dtype=np.int64)
-    boxes = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns],
-                     dtype=np.float64).reshape(-1, 4)
     h, w = record["height"], record["width"]
-    masks = []
-    for a in anns:
-        seg = a["segmentation"]
-        if isinstance(seg, dict):
-            rle = seg if not isinstance(seg["counts"], list) else mask_util.frPyObjects(seg, h, w)
-        else:
-            rle = mask_util.merge(mask_util.frPyObjects(seg, h, w))
-        masks.append(mask_util.decode(rle).astype(bool))
-    masks = np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool)
-    return classes, boxes, masks
+    gt = annotations_to_instances(anns, (h, w), mask_format="bitmask")
+    masks = gt.gt_masks.tensor.numpy() if gt.has("gt_masks") else np.zeros((0, h, w), dtype=bool)
+    return gt.gt_classes.numpy(), gt.gt_boxes.tensor.numpy().astype(np.float64), masks
 
 
 def _grid(pictures, columns):
@@ -137,13 +122,13 @@ def f1(counts):
     return 2.0 * right / max(drawn + objects, 1)
 
 
-def _count_at(seen, threshold, iou_thresh):
-    """[objects, right class, wrong class, missed, unmatched drawn] over the images."""
+def _count_at(truth, threshold, iou_thresh):
+    """[objects, right class, wrong class, missed, unmatched drawn] over the images; ``truth``:
+    ((classes, boxes, masks) of the objects, predictions) per image."""
     totals = np.zeros(5, dtype=np.int64)
-    for rec, _, pred in seen:
+    for (gt_classes, gt_boxes, gt_masks), pred in truth:
         inst = pred["instances"].to("cpu")
         inst = inst[inst.scores >= threshold]
-        gt_classes, gt_boxes, gt_masks = _gt_of(rec)
         if inst.has("pred_masks"):
             iou = _iou_matrix(inst.pred_masks.numpy().astype(bool), gt_masks)
         else:
@@ -158,12 +143,7 @@ def run_model(config, weights, args, logger):
     cfg = setup_cfg(config, ["MODEL.DEVICE", args.device])
     if not cfg.DATASETS.TEST:
         raise ValueError(f"{config}: DATASETS.TEST is empty; the gallery needs a test set with ground truth")
-    bare = cfg.clone()
-    bare.defrost()
-    bare.MODEL.WEIGHTS = ""
-    bare.freeze()
-    predictor = DefaultPredictor(bare)
-    AtomicCheckpointer(predictor.model).load(weights)
+    predictor = demo.build_predictor(cfg, weights)
     name = cfg.DATASETS.TEST[0]
     metadata = MetadataCatalog.get(name)
     records = DatasetCatalog.get(name)[: args.num]
@@ -177,13 +157,14 @@ def run_model(config, weights, args, logger):
         for rec, _, pred in seen:
             label = np.asarray(Image.open(rec["sem_seg_file_name"]), dtype=np.int64)
             guess = pred["sem_seg"].argmax(0).cpu().numpy()
-            valid = label != 255
+            valid = label != metadata.get("ignore_label", 255)
             pix[0] += int((guess[valid] == label[valid]).sum())
             pix[1] += int(valid.sum())
         cells = [f"pixel accuracy {100.0 * pix[0] / max(pix[1], 1):.1f} %", "", "", "", ""]
     else:
         candidates = AUTO_THRESHOLDS if args.threshold is None else (args.threshold,)
-        per = {t: _count_at(seen, t, args.iou) for t in candidates}
+        truth = [(_gt_of(rec), pred) for rec, _, pred in seen]  # decoded once, counted per threshold
+        per = {t: _count_at(truth, t, args.iou) for t in candidates}
         # auto: the best F1 of "found with the right class" (2 right / (drawn + objects)); ties: higher
         threshold = max(candidates, key=lambda t: (f1(per[t]), t))
         cells = [str(int(v)) for v in per[threshold]]

@@ -20,6 +20,8 @@ from detectron2.layers import Conv2d, get_norm
 from detectron2.utils.registry import Registry
 from fvcore.nn import weight_init
 
+from .matcher import grid_cell_centres
+
 SPARSE_INST_DECODER_REGISTRY = Registry("SPARSE_INST_DECODER")
 SPARSE_INST_DECODER_REGISTRY.__doc__ = "SparseInst decoders: 1/8 map -> logits, masks, objectness."
 
@@ -59,8 +61,7 @@ def iam_location_prior(num_masks: int, h: int, w: int, sigma: float, device=None
     that from-scratch features, which do not yet tell objects apart, still give every
     instance different features (docs/sparseinst.md). Returns (N, H, W).
     """
-    from .matcher import grid_cell_centres  # the cells MATCHER.LOCATION_SIGMA measures from
-
+    # the cells MATCHER.LOCATION_SIGMA measures from
     cells = grid_cell_centres(num_masks, device).to(dtype or torch.float32)
     cx, cy = cells[:, 0], cells[:, 1]
     ys = (torch.arange(h, device=device, dtype=dtype or torch.float32) + 0.5) / h
