@@ -173,7 +173,7 @@ def masks_to_signal(masks: Tensor, sigmoid: bool, eps=SIGMOID_EPS) -> Tensor:
 
     eps: the clamp [eps, 1 - eps] before the logit: a number, or a (B, D) tensor (one per
     pixel, e.g. AdelaiDet's random clamp of the training targets)."""
-    x = masks.reshape(masks.shape[0], -1).float()
+    x = masks.flatten(1).float()  # flatten, not reshape(B, -1): B may be 0
     if sigmoid:
         if isinstance(eps, Tensor):
             eps = eps.to(x.dtype)
@@ -186,8 +186,8 @@ def masks_to_signal(masks: Tensor, sigmoid: bool, eps=SIGMOID_EPS) -> Tensor:
 
 def mask_iou(a: Tensor, b: Tensor) -> Tensor:
     """IoU of binary masks (B, ...) pairwise by row -> (B,); 1 where both are empty."""
-    a = a.reshape(a.shape[0], -1).bool()
-    b = b.reshape(b.shape[0], -1).bool()
+    a = a.flatten(1).bool()
+    b = b.flatten(1).bool()
     inter = (a & b).sum(1).float()
     union = (a | b).sum(1).float()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))

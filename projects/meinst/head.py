@@ -195,7 +195,7 @@ class MEInstMaskHead(OneStageMaskHead):
         drawn now (AdelaiDet's PCAMaskEncoding.inverse_sigmoid: a noise on the targets)."""
         if self.target_clamp_random_max <= 0:
             return SIGMOID_EPS
-        u = torch.rand_like(targets.reshape(targets.shape[0], -1))
+        u = torch.rand_like(targets.flatten(1))
         return (u * self.target_clamp_random_max).clamp(min=SIGMOID_EPS)
 
     def losses(self, images: ImageList, features: Dict[str, Tensor], fcos_outputs,
