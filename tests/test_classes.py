@@ -133,3 +133,120 @@ def test_registered_coco_json_sets_the_class_count(tmp_path):
     finally:
         DatasetCatalog.remove("test_two_classes_train")
         MetadataCatalog.remove("test_two_classes_train")
+
+
+BLENDMASK_COCO = os.path.join(CONFIGS, "BlendMask", "R_50_1x.yaml")
+
+
+@pytest.fixture
+def coco_file_dataset(tmp_path):
+    """register(name, n): a COCO file with n categories (ids 1..n, no images) registered
+    under ``name``; removed after the test."""
+    import json
+
+    from d2seg.data import register_coco_dataset
+
+    names = []
+
+    def register(name, n):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"images": [], "annotations": [],
+                                    "categories": [{"id": i + 1, "name": f"c{i}"} for i in range(n)]}))
+        register_coco_dataset(name, str(path), str(tmp_path))
+        names.append(name)
+        return path
+
+    yield register
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+@pytest.mark.parametrize("n", [1, 3, 90])
+def test_blendmask_basis_module_classes_follow_the_data(coco_file_dataset, n):
+    """BlendMask's auxiliary semantic head (MODEL.BASIS_MODULE.NUM_CLASSES, loss on in
+    Base-BlendMask.yaml) follows the data like the detector's class key: with fewer classes
+    it used to keep an 80-class head, with more its labels went out of range."""
+    from d2seg.engine import setup_cfg
+
+    coco_file_dataset(f"test_{n}_classes_train", n)
+    cfg = setup_cfg(BLENDMASK_COCO, ["DATASETS.TRAIN", f"('test_{n}_classes_train',)"])
+    assert cfg.MODEL.BASIS_MODULE.LOSS_ON
+    assert cfg.MODEL.BASIS_MODULE.NUM_CLASSES == n and cfg.MODEL.FCOS.NUM_CLASSES == n
+
+
+def test_every_class_count_key_follows_the_data():
+    """Every NUM_CLASSES key of the config is one that follows the data (a new method's key
+    missing from CLASS_KEYS fails here), except Detectron2's federated-loss sample size."""
+    from d2seg.config import get_d2seg_cfg
+    from d2seg.engine.classes import CLASS_KEYS
+
+    def walk(node, prefix=""):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}.")
+            elif k.endswith("NUM_CLASSES"):
+                yield prefix + k
+
+    keys = set(walk(get_d2seg_cfg())) - {"MODEL.ROI_BOX_HEAD.FED_LOSS_NUM_CLASSES"}
+    assert keys == {key for key, _ in CLASS_KEYS}
+
+
+def test_explicit_default_class_count_is_kept(three_class_dataset, tmp_path):
+    """A key set to its default on purpose (80 on the command line or in a config file) is
+    a request for 80 classes: on 3-class data it is an error, not silently rewritten."""
+    from d2seg.engine import setup_cfg
+
+    data = ["DATASETS.TRAIN", f"('{three_class_dataset}',)"]
+    with pytest.raises(ValueError, match=r"MODEL\.FCOS\.NUM_CLASSES is 80 in the config, but the training "
+                                         r"data \(test_three_classes_train\) has 3"):
+        setup_cfg(COCO_FCOS, data + ["MODEL.FCOS.NUM_CLASSES", "80"])
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"_BASE_: {COCO_FCOS}\nMODEL:\n  FCOS:\n    NUM_CLASSES: 80\n")
+    with pytest.raises(ValueError, match=r"MODEL\.FCOS\.NUM_CLASSES is 80"):
+        setup_cfg(str(mine), data)
+    # the same config without the key follows the data
+    assert setup_cfg(COCO_FCOS, data).MODEL.FCOS.NUM_CLASSES == 3
+
+
+def test_conflict_error_gives_the_whole_override(three_class_dataset):
+    """BlendMask's shapes config sets two class keys: the error names both and the one
+    command-line override that makes the config fit the data, which then works."""
+    from d2seg.engine import setup_cfg
+
+    config = os.path.join(CONFIGS, "BlendMask", "blendmask_R18_shapes.yaml")
+    data = ["DATASETS.TRAIN", f"('{three_class_dataset}',)"]
+    with pytest.raises(ValueError) as e:
+        setup_cfg(config, data)
+    message = str(e.value)
+    assert "MODEL.BASIS_MODULE.NUM_CLASSES is 5 in the config" in message
+    override = message.split("add '")[1].split("'")[0].split()
+    assert override == ["MODEL.FCOS.NUM_CLASSES", "3", "MODEL.BASIS_MODULE.NUM_CLASSES", "3"]
+    cfg = setup_cfg(config, data + override)
+    assert cfg.MODEL.FCOS.NUM_CLASSES == 3 and cfg.MODEL.BASIS_MODULE.NUM_CLASSES == 3
+
+
+def test_coco_json_is_read_once_per_version(coco_file_dataset, monkeypatch):
+    """setup_cfg does not parse the whole COCO file on every call: once per version of the
+    file (a changed file is read again)."""
+    import json
+
+    reads = []
+    real_load = json.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(getattr(f, "name", None))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(json, "load", counting_load)
+    from d2seg.engine import setup_cfg
+
+    path = coco_file_dataset("test_cached_train", 4)
+    data = ["DATASETS.TRAIN", "('test_cached_train',)"]
+    for _ in range(3):
+        assert setup_cfg(COCO_FCOS, data).MODEL.FCOS.NUM_CLASSES == 4
+    assert reads.count(str(path)) == 1
+    path.write_text(json.dumps({"images": [], "annotations": [],
+                                "categories": [{"id": i + 1, "name": f"c{i}"} for i in range(6)]}))
+    assert setup_cfg(COCO_FCOS, data).MODEL.FCOS.NUM_CLASSES == 6
+    assert reads.count(str(path)) == 2

@@ -1,22 +1,28 @@
 """The number of classes of every method follows the training data.
 
-Each method has its own class-count key. When a config leaves such a key at its default,
-:func:`apply_dataset_classes` sets it to the number of classes of the training data sets
-(``thing_classes`` for instance keys, ``stuff_classes`` for semantic ones, from Detectron2's
-MetadataCatalog), and logs it. When a config sets a key to another number than its data, it
-stops with an error naming the key, both numbers and the data set. An 80-class COCO config
-therefore trains on a 5-class data set without editing the config, and a 5-class config on
-80-class data is refused instead of training a head of the wrong size.
+Each method has its own class-count key (:data:`CLASS_KEYS`). When neither the config file
+(with its ``_BASE_`` files) nor the command line sets such a key, :func:`apply_dataset_classes`
+sets it to the number of classes of the training data sets (``thing_classes`` for instance
+keys, ``stuff_classes`` for semantic ones, from Detectron2's MetadataCatalog) and logs it.
+A key that the config sets, to any number (its default included: an explicit 80 means 80),
+must agree with the data: otherwise setup stops with one error that names every
+conflicting key, both numbers, the data set and the override that fixes it. An 80-class COCO
+config (which leaves its class keys unset) therefore trains on a 5-class data set without
+editing the config, and a 5-class config on 80-class data is refused instead of training a
+head of the wrong size.
 
-A key equal to its default is taken as "left at its default": a config that sets 80 on
-purpose for a 5-class data set is adjusted like one that does not mention the key.
+The category count of a registered COCO file that was not loaded yet is read from the file
+once per file version (path, size and modification time), not on every config set-up.
 """
+import functools
 import json
 import logging
+import os
 
+from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 
-__all__ = ["CLASS_KEYS", "apply_dataset_classes", "dataset_class_count"]
+__all__ = ["CLASS_KEYS", "apply_dataset_classes", "dataset_class_count", "keys_set_by"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +31,7 @@ CLASS_KEYS = (
     ("MODEL.ROI_HEADS.NUM_CLASSES", "thing_classes"),  # Mask R-CNN, PointRend (instance)
     ("MODEL.RETINANET.NUM_CLASSES", "thing_classes"),  # RetinaNet, PointINS (RetinaNet)
     ("MODEL.FCOS.NUM_CLASSES", "thing_classes"),  # FCOS, PointINS, MEInst, CondInst, BlendMask
+    ("MODEL.BASIS_MODULE.NUM_CLASSES", "thing_classes"),  # BlendMask's auxiliary semantic loss
     ("MODEL.SOLO.NUM_CLASSES", "thing_classes"),  # SOLO, Decoupled SOLO, SOLOv2
     ("MODEL.SPARSE_INST.DECODER.NUM_CLASSES", "thing_classes"),  # SparseInst (+ PointRend)
     ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", "stuff_classes"),  # Semantic FPN, PointRend (semantic)
@@ -34,9 +41,9 @@ CLASS_KEYS = (
 def _get(cfg, key):
     node = cfg
     for part in key.split("."):
-        if not hasattr(node, part):
+        if part not in node:
             return None
-        node = getattr(node, part)
+        node = node[part]
     return node
 
 
@@ -44,17 +51,39 @@ def _set(cfg, key, value):
     *path, leaf = key.split(".")
     node = cfg
     for part in path:
-        node = getattr(node, part)
-    setattr(node, leaf, value)
+        node = node[part]
+    node[leaf] = value
 
 
-def _coco_category_count(json_file):
+def keys_set_by(config_file=None, opts=()):
+    """The class keys (of :data:`CLASS_KEYS`) that ``config_file``, its ``_BASE_`` files
+    or the ``opts`` list (KEY VALUE pairs) set, whatever the value."""
+    found = set()
+    if config_file:
+        loaded = CfgNode.load_yaml_with_base(config_file, allow_unsafe=True)
+        found.update(key for key, _ in CLASS_KEYS if _get(loaded, key) is not None)
+    keys = {key for key, _ in CLASS_KEYS}
+    found.update(k for k in list(opts)[0::2] if k in keys)
+    return found
+
+
+@functools.lru_cache(maxsize=64)
+def _coco_category_count_of_version(json_file, size, mtime_ns):
     try:
         with open(json_file) as f:
             categories = json.load(f).get("categories")
     except (OSError, ValueError, AttributeError):
         return None  # the data set's own loader reports a bad file with its reasons
     return len(categories) if isinstance(categories, list) else None
+
+
+def _coco_category_count(json_file):
+    """Number of ``categories`` in a COCO file, read once per version of the file."""
+    try:
+        st = os.stat(json_file)
+    except OSError:
+        return None
+    return _coco_category_count_of_version(os.path.abspath(json_file), st.st_size, st.st_mtime_ns)
 
 
 def dataset_class_count(dataset_names, attribute):
@@ -82,28 +111,33 @@ def dataset_class_count(dataset_names, attribute):
     return next(iter(found.values())), list(found)
 
 
-def apply_dataset_classes(cfg, defaults):
-    """Set every class-count key of ``cfg`` (mutable) that is at its value in ``defaults``
-    (a config of the same keys with nothing merged) to the training data's class count;
-    raise ValueError for a key set to another number. Returns the keys changed."""
-    changed = []
+def apply_dataset_classes(cfg, explicit=()):
+    """Set every class-count key of ``cfg`` (mutable) that is not in ``explicit`` (the keys
+    the config sets, see :func:`keys_set_by`) to the training data's class count, and log
+    it; raise ValueError naming every explicit key with another number than the data.
+    Returns the keys changed."""
+    changed, conflicts = [], []
     notes = {}
     for key, attribute in CLASS_KEYS:
-        value, default = _get(cfg, key), _get(defaults, key)
+        value = _get(cfg, key)
         if value is None:
             continue
         count, names = dataset_class_count(cfg.DATASETS.TRAIN, attribute)
         if count is None or value == count:
             continue
-        if value != default:
-            raise ValueError(
-                f"{key} is {value} in the config, but the training data ({', '.join(names)}) has "
-                f"{count} {attribute}: set {key} {count}, or leave it at its default ({default}) to "
-                "follow the data")
+        if key in explicit:
+            conflicts.append((key, value, count, attribute, ", ".join(names)))
+            continue
         _set(cfg, key, count)
         changed.append(key)
         notes.setdefault((attribute, count, ", ".join(names)), []).append(f"{key} ({value})")
+    if conflicts:
+        raise ValueError(
+            "; ".join(f"{key} is {value} in the config, but the training data ({names}) has {count} "
+                      f"{attribute}" for key, value, count, attribute, names in conflicts)
+            + ": add '" + " ".join(f"{c[0]} {c[2]}" for c in conflicts) + "' to the command line "
+            "(or remove the key from the config to follow the data)")
     for (attribute, count, names), keys in notes.items():
         logger.info(f"Class counts follow the training data: {count} {attribute} in {names}; set "
-                    f"{', '.join(keys)} (left at their defaults) to {count}")
+                    f"{', '.join(keys)} (not set by the config) to {count}")
     return changed

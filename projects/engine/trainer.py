@@ -44,8 +44,8 @@ def setup_cfg(config_file=None, opts=(), freeze=True, follow_dataset_classes=Tru
 
     An unknown key in the file or in ``opts`` raises ``KeyError`` naming the key (and the
     file), rather than being ignored. With ``follow_dataset_classes`` the class-count keys
-    left at their defaults follow the training data, and a conflicting one raises
-    ``ValueError`` (:mod:`d2seg.engine.classes`).
+    that neither the file nor ``opts`` sets follow the training data, and a set one that
+    disagrees with the data raises ``ValueError`` (:mod:`d2seg.engine.classes`).
     """
     cfg = get_d2seg_cfg()
     if config_file:
@@ -61,9 +61,9 @@ def setup_cfg(config_file=None, opts=(), freeze=True, follow_dataset_classes=Tru
         except (KeyError, AssertionError) as e:  # yacs asserts on unknown keys in lists
             raise KeyError(f"command line: unknown config key ({e})") from e
     if follow_dataset_classes:
-        from .classes import apply_dataset_classes
+        from .classes import apply_dataset_classes, keys_set_by
 
-        apply_dataset_classes(cfg, get_d2seg_cfg())
+        apply_dataset_classes(cfg, keys_set_by(config_file, opts))
     if freeze:
         cfg.freeze()
     return cfg
