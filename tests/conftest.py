@@ -14,6 +14,26 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(REPO, "tools")
 CONFIGS = os.path.join(REPO, "configs")
 
+
+def load_script(path):
+    """The script at ``path`` (relative to the repository: ``tools/<name>.py`` or
+    ``dev/<folder>/<name>.py``) imported as the module ``<name>``, without running its
+    ``__main__`` block. Its folder is first on sys.path while it is imported, so that the
+    scripts beside it that it imports are found."""
+    import importlib.util
+
+    name = os.path.splitext(os.path.basename(path))[0]
+    folder = os.path.dirname(os.path.join(REPO, path))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, path))
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
 # A tiny version of the common budget: 16 train / 4 val images of 64 px, batch 2.
 TINY_SHAPES = [
     "D2SEG.SHAPES.NUM_TRAIN", "16",

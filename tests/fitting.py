@@ -48,7 +48,7 @@ class FitPlan:
 # A fit is deterministic on one machine but chaotic across machines: another CPU sums in
 # another order, and a few tens of iterations on four images amplify that. Each plan was
 # therefore checked with the initial weights multiplied by (1 + e * noise) for e = 1e-7,
-# 2e-7 (and 3e-7), a stand-in for another CPU's rounding (tools/fit_spread.py); the plans
+# 2e-7 (and 3e-7), a stand-in for another CPU's rounding (dev/diagnose/fit_spread.py); the plans
 # below are those whose spread stays well above their bars (test_learning.REACHED). At 80
 # iterations SparseInst (19.9-41.2 mask AP), the SparseInst refiner (19.9-34.8), FCOS
 # (49.6-81.0 box AP) and at 60 the yardstick (8.7-17.0 mask AP) were not: CI's machine once

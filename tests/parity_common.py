@@ -8,13 +8,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data", "reference")
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.insert(0, os.path.join(ROOT, "dev", "reference"))  # the fixture builders
 
 
 def load_fixture(name):
     path = os.path.join(DATA, name)
     if not os.path.isfile(path):
-        pytest.fail(f"{path} is missing: run tools/reference_fixtures.py")
+        pytest.fail(f"{path} is missing: run dev/reference/reference_fixtures.py")
     return torch.load(path, weights_only=False)
 
 

@@ -12,7 +12,7 @@ AP).
 The bars sit at 70-80 % of the lowest value each fit reached (``REACHED``) over the fit
 itself and the same fit from slightly perturbed initial weights: the fits are deterministic
 on one machine, but another CPU rounds differently and a few dozen iterations amplify that
-(tools/fit_spread.py measures the spread; tests/fitting.py, PLANS).
+(dev/diagnose/fit_spread.py measures the spread; tests/fitting.py, PLANS).
 """
 import math
 
@@ -45,7 +45,7 @@ BARS = {
 # What each fit reached (6 Dec 2026, this project's 2-core machine, one thread): the lowest
 # and highest value over the fit itself and the same fit with its initial weights perturbed
 # by 1e-7, 2e-7 (and 3e-7 where a plan changed), which stand in for another CPU's rounding
-# (tools/fit_spread.py; tests/fitting.py, PLANS). The bars are about 70 % of the lowest where
+# (dev/diagnose/fit_spread.py; tests/fitting.py, PLANS). The bars are about 70 % of the lowest where
 # a plan changed; where the spread was narrow the earlier, higher bars stay (70-80 %).
 # SOLO's low value is the plan (80 iterations at 64 px, where SOLO's grids are coarse for its
 # smallest level), not a bound on the method.

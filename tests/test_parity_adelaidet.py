@@ -1,7 +1,7 @@
 """Parity with aim-uofa/AdelaiDet from golden fixtures (tests/data/reference/adelaidet_*.pt).
 
-Each fixture was written by ``tools/reference_fixtures.py --reference adelaidet-<model>`` from
-AdelaiDet's own code (narrow widths, random weights; see tools/reference_adelaidet.py). Here,
+Each fixture was written by ``dev/reference/reference_fixtures.py --reference adelaidet-<model>`` from
+AdelaiDet's own code (narrow widths, random weights; see dev/reference/reference_adelaidet.py). Here,
 without AdelaiDet installed, the reference's state dict is converted by d2seg's converter,
 loaded strictly into d2seg's model built from the shipped COCO config with only the fixture's
 width overrides, and compared on the fixture's images:
@@ -63,7 +63,7 @@ def assert_close_output(ours, ref, what):
 
 
 def assert_same_results(ours, ref):
-    """Issue 17's tolerances per image (tools/reference_speed.py's ``compare``): same number of
+    """Issue 17's tolerances per image (dev/reference/reference_speed.py's ``compare``): same number of
     detections and classes, scores within 1e-4, boxes within 1e-2 px, mask IoU >= 0.999;
     detections whose scores tie within 1e-4 may come in either order."""
     from reference_fixtures import instances_to_dict
@@ -234,7 +234,7 @@ def solov2():
 
 def assert_close_summary(ours, ref, proj, what):
     """``ours``: L maps (N, C, S, S); ``ref``: their first channels and projections (see
-    tools/reference_adelaidet.py, head_summary)."""
+    dev/reference/reference_adelaidet.py, head_summary)."""
     for lvl, x in enumerate(ours):
         k = ref["channels"][lvl].shape[1]
         assert_close_output(x[:, :k], ref["channels"][lvl], f"{what} level {lvl} channels")

@@ -1,9 +1,9 @@
 """Parity of CondInst and BlendMask with aim-uofa/AdelaiDet from golden fixtures
 (tests/data/reference/adelaidet_condinst.pt, adelaidet_blendmask.pt).
 
-Each fixture was written by ``tools/reference_fixtures.py --reference condinst|blendmask`` from
+Each fixture was written by ``dev/reference/reference_fixtures.py --reference condinst|blendmask`` from
 AdelaiDet's own code (its MS_R_50_1x / R_50_1x configs, narrow widths, random weights; see
-tools/reference_condinst_blendmask.py). Here, without AdelaiDet installed, the reference's
+dev/reference/reference_condinst_blendmask.py). Here, without AdelaiDet installed, the reference's
 state dict is converted by d2seg's converter, loaded strictly into d2seg's model built from
 the shipped COCO config (configs/CondInst/R_50_1x.yaml, configs/BlendMask/R_50_1x.yaml) with
 only the fixture's width overrides, and compared on the fixture's images:
@@ -39,6 +39,7 @@ from detectron2.utils.events import EventStorage
 # the fixtures were computed with one thread (conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+from conftest import load_script  # noqa: E402
 from parity_common import DATA, ROOT, batch, load_fixture  # noqa: E402,F401
 
 
@@ -187,7 +188,7 @@ def test_condinst_converter_drops_adelaidet_buffers(condinst, tmp_path):
     # the buffer holds what d2seg recomputes from the config
     assert torch.equal(model.mask_head.sizes_of_interest, fx["weights"]["mask_head.sizes_of_interest"].float())
 
-    import convert_checkpoint
+    convert_checkpoint = load_script("tools/convert_checkpoint.py")
 
     src, dst = tmp_path / "adelaidet.pth", tmp_path / "d2seg.pth"
     torch.save({"model": {k: v.float() if v.is_floating_point() else v for k, v in fx["weights"].items()}}, src)

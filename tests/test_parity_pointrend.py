@@ -1,5 +1,5 @@
 """Parity with Detectron2's PointRend project (fixtures tests/data/reference/
-pointrend_instance.pt and pointrend_semantic.pt, written by ``tools/reference_fixtures.py
+pointrend_instance.pt and pointrend_semantic.pt, written by ``dev/reference/reference_fixtures.py
 --reference pointrend-instance|pointrend-semantic``: Detectron2's models narrowed, random
 weights, two small images with ground truth).
 

@@ -1,5 +1,5 @@
 """Parity with hustvl/SparseInst (fixture tests/data/reference/sparseinst.pt, written by
-``tools/reference_fixtures.py --reference sparseinst``: hustvl's R-50 G-IAM model narrowed,
+``dev/reference/reference_fixtures.py --reference sparseinst``: hustvl's R-50 G-IAM model narrowed,
 random weights, two small images with ground truth).
 
 hustvl's state dict, converted by d2seg's own converter, is loaded into d2seg's model built

@@ -1,4 +1,4 @@
-"""tools/reference_speed.py's parity check (also the AdelaiDet fixture tests' result check):
+"""dev/reference/reference_speed.py's parity check (also the AdelaiDet fixture tests' result check):
 issue 17's tolerances per detection, with detections whose scores tie within 1e-4 accepted
 in either order, and nothing else."""
 import os
@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dev", "reference"))
 from reference_speed import compare, match_detections  # noqa: E402
 
 

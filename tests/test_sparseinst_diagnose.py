@@ -1,8 +1,7 @@
-"""tools/sparseinst_diagnose.py on a freshly initialised shapes model (real checkpoint file,
+"""dev/diagnose/sparseinst_diagnose.py on a freshly initialised shapes model (real checkpoint file,
 real shapes data): the location prior + location matching put a matched map on its object
 from the first step, the reference decoder does not; the probe reports held-out accuracy."""
 import argparse
-import importlib.util
 import os
 import re
 
@@ -11,14 +10,12 @@ import torch
 import d2seg  # noqa: F401
 from d2seg.engine import Trainer, setup_cfg
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, load_script
 CONFIG = os.path.join(REPO, "configs/SparseInst/sparse_inst_r18_giam_shapes.yaml")
 LOC = ["MODEL.SPARSE_INST.DECODER.IAM_LOCATION_PRIOR", "0.1", "MODEL.SPARSE_INST.MATCHER.LOCATION_SIGMA", "0.1"]
 
 
-spec = importlib.util.spec_from_file_location("sparseinst_diagnose", os.path.join(REPO, "tools", "sparseinst_diagnose.py"))
-tool = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tool)
+tool = load_script("dev/diagnose/sparseinst_diagnose.py")
 
 
 def run(capsys, mode, ckpt, images, opts=(), oracle=False, config=CONFIG, dataset="shapes_val"):

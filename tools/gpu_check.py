@@ -20,7 +20,7 @@ budget (the default run fits in about 8 minutes on one GPU):
                evaluated at the end: exit status, final losses finite, time, box / mask AP or
                mIoU (50 iterations from scratch: the AP only shows that evaluation ran);
                runs at the same time as the tests (neither is timed);
-  bench_ops    `tools/benchmark_ops.py --device cuda` in float32 and float16: compiled op
+  bench_ops    `dev/bench/benchmark_ops.py --device cuda` in float32 and float16: compiled op
                against the PyTorch composite (a row slower than the composite is a warning);
   bench        `tools/benchmark.py --device cuda` over every shapes config, with the time
                that is left (every config's inference first, then the training runs; what
@@ -488,10 +488,10 @@ def stage_bench_ops(work, smoke):
     if os.path.exists(json_path):
         os.remove(json_path)
     if smoke:
-        cmd = [sys.executable, "tools/benchmark_ops.py", "--device", "cpu", "--threads", "1", "--repeat", "1",
+        cmd = [sys.executable, "dev/bench/benchmark_ops.py", "--device", "cpu", "--threads", "1", "--repeat", "1",
                "--only", "d=1", "--json", json_path]
     else:
-        cmd = [sys.executable, "tools/benchmark_ops.py", "--device", "cuda", "--repeat", "10",
+        cmd = [sys.executable, "dev/bench/benchmark_ops.py", "--device", "cuda", "--repeat", "10",
                "--dtype", "float32,float16", "--json", json_path]
     log("bench_ops: " + " ".join(cmd[1:]) + " ...")
     job = Job("bench_ops", cmd, os.path.join(work, "benchmark_ops.log"), LIMITS["bench_ops"], env=child_env(2)).wait()

@@ -2,12 +2,12 @@
 """Why does a SparseInst model not classify? Diagnostics on a checkpoint (docs/sparseinst.md).
 
     # activation maps and matched predictions on shapes_val
-    python tools/sparseinst_diagnose.py maps CONFIG CHECKPOINT [KEY VALUE ...]
+    python dev/diagnose/sparseinst_diagnose.py maps CONFIG CHECKPOINT [KEY VALUE ...]
     # linear probe: are the features the classifier reads class-informative? (shapes_train)
-    python tools/sparseinst_diagnose.py probe CONFIG CHECKPOINT [KEY VALUE ...]
+    python dev/diagnose/sparseinst_diagnose.py probe CONFIG CHECKPOINT [KEY VALUE ...]
     # the same probe on features averaged inside each ground-truth mask (an oracle pooling);
     # also for Detectron2's R-CNNs (--feature p3, p4, ...)
-    python tools/sparseinst_diagnose.py probe --oracle [--feature NAME] CONFIG CHECKPOINT [KEY VALUE ...]
+    python dev/diagnose/sparseinst_diagnose.py probe --oracle [--feature NAME] CONFIG CHECKPOINT [KEY VALUE ...]
 
 ``maps`` prints, over the data set's images with every object Hungarian-matched to a
 prediction as in training: the mean absolute correlation between the first group's

@@ -1,4 +1,4 @@
-"""Fixture builders for Detectron2's PointRend project (see tools/reference_fixtures.py).
+"""Fixture builders for Detectron2's PointRend project (see dev/reference/reference_fixtures.py).
 
 ``--checkout``: a Detectron2 source tree with ``projects/PointRend`` and
 ``configs/Base-RCNN-FPN.yaml`` (the project's configs inherit it); the project is imported

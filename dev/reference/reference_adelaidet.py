@@ -1,9 +1,9 @@
-"""Fixture builders for aim-uofa/AdelaiDet (see tools/reference_fixtures.py).
+"""Fixture builders for aim-uofa/AdelaiDet (see dev/reference/reference_fixtures.py).
 
-    python tools/reference_fixtures.py --reference adelaidet-fcos --checkout /path/to/AdelaiDet
-    python tools/reference_fixtures.py --reference adelaidet-meinst --checkout /path/to/AdelaiDet
-    python tools/reference_fixtures.py --reference adelaidet-meinst-dcn --checkout /path/to/AdelaiDet
-    python tools/reference_fixtures.py --reference adelaidet-solov2 --checkout /path/to/AdelaiDet
+    python dev/reference/reference_fixtures.py --reference adelaidet-fcos --checkout /path/to/AdelaiDet
+    python dev/reference/reference_fixtures.py --reference adelaidet-meinst --checkout /path/to/AdelaiDet
+    python dev/reference/reference_fixtures.py --reference adelaidet-meinst-dcn --checkout /path/to/AdelaiDet
+    python dev/reference/reference_fixtures.py --reference adelaidet-solov2 --checkout /path/to/AdelaiDet
 
 AdelaiDet on CPU without its compiled part. ``adet._C`` (BezierAlign, DefROIAlign: CUDA/C++
 sources that do not build against PyTorch 2.14) is replaced before import by a stub module
@@ -126,7 +126,7 @@ def _raising_module(name: str, why: str):
             raise AttributeError(attr)
 
         def unavailable(*a, **k):
-            raise RuntimeError(f"{name}.{attr} is stubbed by tools/reference_adelaidet.py ({why})")
+            raise RuntimeError(f"{name}.{attr} is stubbed by dev/reference/reference_adelaidet.py ({why})")
         return unavailable
     m.__getattr__ = getattr_
     return m

@@ -2,9 +2,9 @@
 """Speed and peak memory of d2seg's compiled ops against the pure-PyTorch composites
 people would otherwise write, at realistic sizes, forward and forward+backward.
 
-    python tools/benchmark_ops.py                 # CPU, 2 threads
-    python tools/benchmark_ops.py --device cuda   # on a GPU
-    python tools/benchmark_ops.py --device cuda --dtype float32,float16 --json ops.json
+    python dev/bench/benchmark_ops.py                 # CPU, 2 threads
+    python dev/bench/benchmark_ops.py --device cuda   # on a GPU
+    python dev/bench/benchmark_ops.py --device cuda --dtype float32,float16 --json ops.json
 
 Each case runs the compiled op and the composite alternately (--repeat times each) on the
 same inputs; a time is the fastest run (wall clock), "cpu" the process CPU time of that

@@ -2,7 +2,7 @@
 """Time torchvision's CPU RoIAlign backward against d2seg's (csrc/roi_align/), alternating in
 one process on the same inputs, and check that the gradients are identical.
 
-    D2SEG_TORCHVISION_ROI_ALIGN_BACKWARD=1 OMP_NUM_THREADS=1 python tools/bench_roi_align_backward.py
+    D2SEG_TORCHVISION_ROI_ALIGN_BACKWARD=1 OMP_NUM_THREADS=1 python dev/bench/bench_roi_align_backward.py
 
 The environment variable keeps torchvision's kernel registered, so that both can be called.
 Shapes are those of the shapes yardstick's heads (Mask R-CNN, batch 4, 128 px images, P2).

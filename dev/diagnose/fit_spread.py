@@ -7,7 +7,7 @@ each given e (e = 0: the fit itself), fits with the config's plan (or ``--iters`
 evaluates as tests/test_learning.py does, one line per e. A plan is robust when the spread
 stays well above its bar (tests/test_learning.py: bars are about 70 % of the lowest value).
 
-    OMP_NUM_THREADS=1 .venv/bin/python tools/fit_spread.py SparseInst/sparse_inst_r18_giam_shapes.yaml \\
+    OMP_NUM_THREADS=1 .venv/bin/python dev/diagnose/fit_spread.py SparseInst/sparse_inst_r18_giam_shapes.yaml \\
         --eps 0 1e-7 2e-7 3e-7
 """
 import argparse
@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tests")
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Fixture builder for hustvl/SparseInst (see tools/reference_fixtures.py).
+"""Fixture builder for hustvl/SparseInst (see dev/reference/reference_fixtures.py).
 
 Builds hustvl's SparseInst from its own ``configs/sparse_inst_r50_giam.yaml`` (R-50,
 instance context encoder, Group-IAM decoder) narrowed by :data:`NARROW`, with random

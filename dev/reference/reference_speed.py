@@ -1,17 +1,17 @@
 #!/usr/bin/env python
 """Speed at parity: each reference model and d2seg's model with the same weights, timed alternately.
 
-    python tools/reference_speed.py --adelaidet /path/to/AdelaiDet --sparseinst /path/to/SparseInst \\
+    python dev/reference/reference_speed.py --adelaidet /path/to/AdelaiDet --sparseinst /path/to/SparseInst \\
         --detectron2 /path/to/detectron2 --out output/reference_speed
 
 For every pair (AdelaiDet FCOS, MEInst, CondInst, BlendMask, SOLOv2; hustvl/SparseInst;
 Detectron2's PointRend instance and semantic) the reference model is built from its published
 config at the published widths (R-50) by the fixture tools' family modules
-(tools/reference_*.py: random init from ``--seed``, biased so that it returns detections), its
+(dev/reference/reference_*.py: random init from ``--seed``, biased so that it returns detections), its
 state dict is converted by d2seg's converter and loaded strictly into d2seg's model built from
 the matching shipped config (no option but the score threshold of the setting), and both run
 on the same images at the config's test size (short side ``INPUT.MIN_SIZE_TEST`` unless
-``--size``; textured synthetic photographs with a few objects, tools/reference_fixtures.py's
+``--size``; textured synthetic photographs with a few objects, dev/reference/reference_fixtures.py's
 ``synthetic_images``), one thread, CPU, eval mode, ``torch.no_grad()``.
 
 Two settings: ``default`` (the configs' score thresholds) and ``all`` (every test-time score
@@ -49,10 +49,10 @@ from typing import Dict, List
 
 import torch
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TOOLS)
-if TOOLS not in sys.path:
-    sys.path.insert(0, TOOLS)
+HERE = os.path.dirname(os.path.abspath(__file__))  # dev/reference: the family modules
+ROOT = os.path.dirname(os.path.dirname(HERE))  # the repository
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
 # name -> what the pair is built from. ``thresholds``: (reference keys, d2seg keys) set to 0 in
 # the "all" setting. ``boxes``: compare boxes (AdelaiDet's SOLOv2 returns zero boxes).
@@ -515,7 +515,7 @@ def _git(args) -> str:
 
 def write_report(rows: List[Dict], args, started: float, out: str, quiet: bool = False):
     os.makedirs(out, exist_ok=True)
-    meta = {"command": "python tools/reference_speed.py " + " ".join(sys.argv[1:]),
+    meta = {"command": "python dev/reference/reference_speed.py " + " ".join(sys.argv[1:]),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
             "wall_min": (time.time() - started) / 60, "torch": torch.__version__,
             "threads": 1, "reps": args.reps, "seed": args.seed, "size": args.size,

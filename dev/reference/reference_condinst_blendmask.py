@@ -1,12 +1,12 @@
-"""Fixture builders for AdelaiDet's CondInst and BlendMask (see tools/reference_fixtures.py).
+"""Fixture builders for AdelaiDet's CondInst and BlendMask (see dev/reference/reference_fixtures.py).
 
-    GIT_DIR=<mirror>/repo python tools/reference_fixtures.py --reference condinst \\
+    GIT_DIR=<mirror>/repo python dev/reference/reference_fixtures.py --reference condinst \\
         --checkout /path/to/AdelaiDet --out tests/data/reference/
     ... --reference blendmask ...
 
 (``GIT_DIR`` only when the checkout has no ``.git``: it names the git directory that records
 its commit.) AdelaiDet runs on CPU with its compiled part stubbed exactly as for FCOS
-(``install_stubs`` of tools/reference_adelaidet.py: ``adet._C`` and, for CondInst's BoxInst
+(``install_stubs`` of dev/reference/reference_adelaidet.py: ``adet._C`` and, for CondInst's BoxInst
 colour similarity, ``skimage``). Neither model calls a compiled op on its CPU path: CondInst's
 dynamic head is grouped ``F.conv2d``, and BlendMask's blender crops the bases with Detectron2's
 ``ROIPooler`` (``ROIAlignV2`` = torchvision's ``roi_align`` with ``aligned=True``, which runs on

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build golden reference fixtures: run a reference implementation and record what it computes.
 
-    python tools/reference_fixtures.py --reference sparseinst \\
+    python dev/reference/reference_fixtures.py --reference sparseinst \\
         --checkout /path/to/SparseInst --out tests/data/reference/
 
 Given a local checkout of a reference repository, the family module of ``--reference``
@@ -13,10 +13,10 @@ and training losses, with the reference's commit. The default-suite tests
 
 Families (one module each next to this file, imported only when asked for):
 
-    sparseinst                       tools/reference_sparseinst.py   hustvl/SparseInst
-    pointrend-instance, -semantic    tools/reference_pointrend.py    Detectron2 projects/PointRend
-    adelaidet-*                      tools/reference_adelaidet.py    aim-uofa/AdelaiDet
-    condinst, blendmask              tools/reference_condinst_blendmask.py   aim-uofa/AdelaiDet
+    sparseinst                       dev/reference/reference_sparseinst.py   hustvl/SparseInst
+    pointrend-instance, -semantic    dev/reference/reference_pointrend.py    Detectron2 projects/PointRend
+    adelaidet-*                      dev/reference/reference_adelaidet.py    aim-uofa/AdelaiDet
+    condinst, blendmask              dev/reference/reference_condinst_blendmask.py   aim-uofa/AdelaiDet
 
 The interface a family module implements, and the layout of a fixture, are in
 :data:`FIXTURE_LAYOUT` below (and ``--list`` prints the available references).
@@ -35,7 +35,7 @@ import torch
 FORMAT_VERSION = 1
 MAX_FIXTURE_BYTES = int(1.5 * 2**20)
 
-# family prefix -> module (in tools/) that builds its fixtures
+# family prefix -> module (in dev/reference/, next to this file) that builds its fixtures
 FAMILIES = {
     "sparseinst": "reference_sparseinst",
     "pointrend": "reference_pointrend",
@@ -45,7 +45,7 @@ FAMILIES = {
 }
 
 FIXTURE_LAYOUT = """
-A family module ``tools/reference_<family>.py`` defines
+A family module ``dev/reference/reference_<family>.py`` defines
 
     REFERENCES: Dict[str, str]
         reference name (what --reference takes, starting with the family prefix,
@@ -210,14 +210,14 @@ def family_of(name: str) -> str:
 
 
 def load_family(fam: str):
-    tools_dir = os.path.dirname(os.path.abspath(__file__))
-    if tools_dir not in sys.path:
-        sys.path.insert(0, tools_dir)
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
     try:
         return importlib.import_module(FAMILIES[fam])
     except ModuleNotFoundError as e:
         if e.name == FAMILIES[fam]:
-            raise SystemExit(f"tools/{FAMILIES[fam]}.py does not exist yet: no builder for the "
+            raise SystemExit(f"dev/reference/{FAMILIES[fam]}.py does not exist yet: no builder for the "
                              f"{fam} references") from None
         raise
 

@@ -9,8 +9,8 @@ the extra memory that one training step (forward + backward) or one inference fo
 needed. torch's CPU allocations are ordinary heap allocations, so RSS sees them
 (``tracemalloc`` would not).
 
-    python tools/solo_memory.py                      # shapes configs, 128 px, batch 4
-    python tools/solo_memory.py --paper --size 512 --batch 1   # COCO R-50 configs
+    python dev/bench/solo_memory.py                      # shapes configs, 128 px, batch 4
+    python dev/bench/solo_memory.py --paper --size 512 --batch 1   # COCO R-50 configs
 
 The input: ``--batch`` random images of ``--size`` px with 8 rectangles each (the same
 seeded instances for every model).
