@@ -32,7 +32,7 @@ def get_parser():
     p.add_argument("--config-file", metavar="FILE",
                    help="d2seg config of the target model (a path, or relative to configs/)")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="read a .pkl (or a .pth needing full unpickling) that the zoo did not verify")
+                   help="unpickle in full a file needing more than arrays and containers (trusted files only)")
     p.add_argument("--allow-unverified", action="store_true",
                    help="use an URL / zoo entry whose sha256 is unknown")
     p.add_argument("--list", action="store_true", help="list the converters and exit")
@@ -72,9 +72,8 @@ def main(argv=None):
         print("error: input, output and --config-file are required", file=sys.stderr)
         return 2
     try:
-        local, verified = resolve_weights(args.input, allow_unverified=args.allow_unverified or None)
-        allow_pickle = args.allow_pickle or (verified and local.endswith(".pkl")) or None
-        ckpt = load_checkpoint_file(local, allow_pickle=allow_pickle)
+        local, _ = resolve_weights(args.input, allow_unverified=args.allow_unverified or None)
+        ckpt = load_checkpoint_file(local, allow_pickle=args.allow_pickle or None)
         target = build_target_state(args.config_file, args.opts)
         result = convert_state_dict(ckpt, source=args.source, target_keys=target.keys(),
                                     converter=args.converter)

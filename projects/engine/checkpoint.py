@@ -11,7 +11,8 @@ Loading (``MODEL.WEIGHTS``) goes through :mod:`d2seg.model_zoo`:
 - ``d2seg://<name>`` and http(s) URLs are downloaded into a cache and checked against the
   model zoo's sha256 (a URL without a known checksum needs an explicit opt-in);
 - ``.pth`` files are read with ``torch.load(weights_only=True)``; Detectron2 ``.pkl`` files
-  only when verified against the zoo's table or with ``allow_pickle`` /
+  (model zoo and ImageNet backbones) with a restricted unpickler that builds numpy arrays and
+  plain containers only; a file needing more only with ``allow_pickle`` /
   ``D2SEG_ALLOW_PICKLE=1``;
 - a recognised foreign layout (AdelaiDet, Detectron2's first PointRend checkpoints) is
   converted to d2seg's names, with a log line saying so; stale buffers (``pixel_mean``,
@@ -25,7 +26,7 @@ from urllib.parse import parse_qs
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from d2seg.model_zoo import download as _zoo_download  # noqa: F401  (registers d2seg:// in PathManager)
+from d2seg.model_zoo import weights as _zoo_weights  # noqa: F401  (registers d2seg:// in PathManager)
 
 
 def _atomic_write(path, write_fn, mode="wb"):
@@ -50,8 +51,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
     and checked, safe, converting loads (see the module docstring).
 
     Args (besides DetectionCheckpointer's):
-        allow_pickle: read ``.pkl`` files that are not verified by the zoo's checksum
-            table (None: the D2SEG_ALLOW_PICKLE environment variable decides).
+        allow_pickle: unpickle files in full, beyond the arrays and containers the
+            restricted unpickler builds (None: the D2SEG_ALLOW_PICKLE environment variable
+            decides).
         allow_unverified: use URLs whose sha256 is unknown (None: D2SEG_ALLOW_UNVERIFIED).
     """
 
@@ -59,38 +61,34 @@ class AtomicCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **kwargs)
         self.allow_pickle = allow_pickle
         self.allow_unverified = allow_unverified
-        self._verified_file = None
         self._requested = None
 
     def load(self, path, *args, **kwargs):
-        from d2seg.model_zoo.download import resolve_weights
+        from d2seg.model_zoo.weights import resolve_weights
 
-        self._verified_file = None
         self._requested = path
         if path and not os.path.isfile(path):
             local, verified = resolve_weights(path, allow_unverified=self.allow_unverified)
             if local != path:
                 self.logger.info(f"{path} resolved to {local}" + (" (sha256 verified)" if verified else ""))
-                self._verified_file = local if verified else None
                 path = local
-        try:
-            return super().load(path, *args, **kwargs)
-        finally:
-            self._verified_file = None
+        return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename):
-        from d2seg.model_zoo.loading import load_checkpoint_file, pickle_allowed
+        from d2seg.model_zoo.loading import as_detectron2_checkpoint, load_checkpoint_file, pickle_allowed
 
-        if filename.endswith(".pkl") or filename.endswith(".pyth"):
-            allowed = pickle_allowed(self.allow_pickle) or filename == self._verified_file
-            if not allowed:
-                try:
-                    load_checkpoint_file(filename, allow_pickle=False)  # raises the explanation
-                except Exception as e:
-                    requested = getattr(self, "_requested", None)
-                    if requested and requested != filename:
-                        raise type(e)(f"{e} (requested as {requested})") from e
-                    raise
+        try:
+            if filename.endswith(".pkl"):
+                # Detectron2's own reader would unpickle anything; the restricted one builds arrays only
+                return as_detectron2_checkpoint(load_checkpoint_file(filename, self.allow_pickle), filename)
+            if filename.endswith(".pyth") and not pickle_allowed(self.allow_pickle):
+                load_checkpoint_file(filename, allow_pickle=False)  # raises the explanation if it needs more
+        except Exception as e:
+            requested = getattr(self, "_requested", None)
+            if requested and requested != filename:
+                raise type(e)(f"{e} (requested as {requested})") from e
+            raise
+        if filename.endswith(".pyth"):
             return super()._load_file(filename)
         loaded = load_checkpoint_file(filename, allow_pickle=self.allow_pickle)
         if not isinstance(loaded, dict):
