@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import d2seg  # noqa: F401
+from detectron2.structures import BoxMode, Boxes, Instances
 from d2seg.engine import Trainer, setup_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +50,49 @@ def test_f1_and_ious():
                                [[0.5, 0.0]])
 
 
+def _record(with_masks):
+    """A Detectron2 record of a 40 x 60 image with two rectangles (class 1 at x 10-30, y 5-25;
+    class 3 at x 35-55, y 10-30), with or without polygons."""
+    anns = []
+    for cls, (x0, y0, x1, y1) in ((1, (10, 5, 30, 25)), (3, (35, 10, 55, 30))):
+        a = {"bbox": [x0, y0, x1 - x0, y1 - y0], "bbox_mode": BoxMode.XYWH_ABS, "category_id": cls}
+        if with_masks:
+            a["segmentation"] = [[x0, y0, x1, y0, x1, y1, x0, y1]]
+        anns.append(a)
+    return {"height": 40, "width": 60, "annotations": anns}
+
+
+def _prediction(boxes, classes, scores):
+    """A mask model's output on that image: filled boxes as masks."""
+    inst = Instances((40, 60))
+    masks = torch.zeros(len(boxes), 40, 60, dtype=torch.bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        masks[i, y0:y1, x0:x1] = True
+    inst.pred_masks = masks
+    inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.pred_classes = torch.tensor(classes)
+    inst.scores = torch.tensor(scores)
+    return {"instances": inst}
+
+
+def test_box_only_ground_truth_is_matched_by_box_iou():
+    """A mask prediction on ground truth without masks is matched by box IoU (and the row
+    says so), not counted as missed; with masks, mask IoU is used."""
+    # the first object found with its class, the second with a wrong class, one false positive
+    pred = _prediction([(10, 5, 30, 25), (36, 10, 55, 30), (0, 32, 8, 40)], [1, 2, 4], [0.9, 0.8, 0.7])
+    box_only = tool._gt_of(_record(with_masks=False))
+    assert box_only[2] is None and box_only[0].tolist() == [1, 3]
+    counts, used = tool._count_at([(box_only, pred)], 0.5, 0.5)
+    assert counts.tolist() == [2, 1, 1, 0, 1] and used == "box"
+    with_masks = tool._gt_of(_record(with_masks=True))
+    assert with_masks[2].shape == (2, 40, 60)
+    counts, used = tool._count_at([(with_masks, pred)], 0.5, 0.5)
+    assert counts.tolist() == [2, 1, 1, 0, 1] and used == "mask"
+    # both kinds of images together; a score threshold that drops the second prediction
+    counts, used = tool._count_at([(box_only, pred), (with_masks, pred)], 0.85, 0.5)
+    assert counts.tolist() == [4, 2, 0, 2, 0] and used == "mask, box"
+
+
 def _init_checkpoint(config, path):
     torch.manual_seed(0)
     model = Trainer.build_model(setup_cfg(config, ["MODEL.DEVICE", "cpu"]))
@@ -56,7 +100,13 @@ def _init_checkpoint(config, path):
 
 
 def test_tool_end_to_end_on_initialised_models(tmp_path, capsys):
-    inst = os.path.join(REPO, "configs", "FCOS", "fcos_R18_shapes.yaml")
+    # the instance model's config asks for 64 px shapes: the gallery must prepare its data as
+    # the Trainer does (D2SEG.SHAPES), not use the data sets registered at import (128 px)
+    inst = tmp_path / "fcos_R18_shapes.yaml"
+    inst.write_text(f"_BASE_: {os.path.join(REPO, 'configs', 'FCOS', 'fcos_R18_shapes.yaml')}\n"
+                    "D2SEG:\n  SHAPES:\n    IMAGE_SIZE: 64\n    NUM_VAL: 3\n"
+                    "INPUT:\n  MIN_SIZE_TEST: 64\n  MAX_SIZE_TEST: 64\n")
+    inst = str(inst)
     sem = os.path.join(REPO, "configs", "quick", "semantic_fpn_shapes.yaml")
     _init_checkpoint(inst, tmp_path / "inst.pth")
     _init_checkpoint(sem, tmp_path / "sem.pth")
@@ -64,15 +114,16 @@ def test_tool_end_to_end_on_initialised_models(tmp_path, capsys):
     rc = tool.main(["--model", inst, str(tmp_path / "inst.pth"), "--model", sem, str(tmp_path / "sem.pth"),
                     "--num", "2", "--threshold", "0.05", "--scale", "1", "--output", str(out)])
     assert rc == 0
-    # two 128 px pictures in a row of three columns
-    assert Image.open(out / "fcos_R18_shapes.jpg").size == (3 * 128, 128)
+    # two pictures in a row of three columns: 64 px shapes (the config's), 128 px (the default)
+    assert Image.open(out / "fcos_R18_shapes.jpg").size == (3 * 64, 64)
     assert Image.open(out / "semantic_fpn_shapes.jpg").size == (3 * 128, 128)
     rows = (out / "gallery_rows.md").read_text().splitlines()
     assert rows[0].startswith("| config | threshold | objects |") and len(rows) == 4
     cells = [c.strip() for c in rows[2].strip("|").split("|")]
     assert cells[1] == "0.05"
-    objects, right, wrong, missed, unmatched = (int(c) for c in cells[2:])
+    objects, right, wrong, missed, unmatched = (int(c) for c in cells[2:7])
     assert objects > 0 and right + wrong + missed == objects and unmatched >= 0
+    assert cells[7] == "box"  # FCOS predicts no masks
     assert "pixel accuracy" in rows[3]
     assert rows[2] in capsys.readouterr().out
     # the process is left as it was: the rest of the suite trains in it, and reads d2seg's logs

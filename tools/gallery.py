@@ -6,15 +6,18 @@ model, and count what they got right.
         --model configs/SOLO/solo_shapes.yaml output/SOLO/solo_shapes/model_final.pth \
         --num 6 --scale 2 --output docs/gallery/
 
-For each ``--model CONFIG WEIGHTS`` it runs the model (as tools/demo.py does: d2seg's
-checkpointer, CPU unless --device cuda) on the first ``--num`` images of the config's first
-test set, draws each image's predictions above a score threshold (tools/demo.py's drawing),
+For each ``--model CONFIG WEIGHTS`` it prepares the config's data sets as d2seg's Trainer
+does (the built-in shapes sets with the config's ``D2SEG.SHAPES`` settings), runs the model
+(as tools/demo.py does: d2seg's checkpointer, CPU unless --device cuda) on the first
+``--num`` images of the config's first test set, draws each image's predictions above a score threshold (tools/demo.py's drawing),
 and writes the pictures side by side (``--columns`` per row) as ``<output>/<config
 stem>.jpg``. For instance models it then matches the drawn instances to the ground truth,
-highest score first, each to the unmatched object it overlaps most (mask IoU, or box IoU for
-box-only detectors) if that IoU is at least ``--iou``, and prints one Markdown table row per
-model: objects in the images, found with the right class, found with a wrong class,
-missed, and drawn instances that matched nothing (duplicates and false positives). For
+highest score first, each to the unmatched object it overlaps most if that IoU is at least
+``--iou``: mask IoU, or box IoU for box-only detectors and for images whose ground truth has
+boxes but no masks (the row's last column says which was used). It prints one Markdown
+table row per model: objects in the images, found with the right class, found with a wrong
+class, missed, drawn instances that matched nothing (duplicates and false positives), and
+the IoU used. For
 semantic models the row gives the pixel accuracy over the images. The threshold is
 ``--threshold`` if given; otherwise, per model, the one of 0.2, 0.3, ..., 0.7 with the best
 F1 of "found with the right class" (2 right / (drawn + objects); a choice made on the shown
@@ -38,10 +41,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402  (tools/demo.py: the same drawing as the demo)
 
 import d2seg  # noqa: E402,F401  (registers every method and the built-in data sets)
+from d2seg.data import prepare_datasets  # noqa: E402
 from d2seg.engine import setup_cfg  # noqa: E402
 
-HEADER = ("| config | threshold | objects | right class | wrong class | missed | unmatched drawn |\n"
-          "|---|---|---|---|---|---|---|")
+HEADER = ("| config | threshold | objects | right class | wrong class | missed | unmatched drawn | IoU |\n"
+          "|---|---|---|---|---|---|---|---|")
 AUTO_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
@@ -98,11 +102,20 @@ def count_matches(scores, classes, iou, gt_classes, thresh=0.5):
 
 def _gt_of(record):
     """(classes, XYXY boxes, bool masks) of a record's objects, by Detectron2's own decoding
-    (polygons or RLE)."""
+    (polygons or RLE); masks is None when some object has no "segmentation" (box-only
+    ground truth: the objects are then matched by box IoU)."""
     anns = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
     h, w = record["height"], record["width"]
+    with_masks = all("segmentation" in a for a in anns)
+    if not with_masks:
+        anns = [{k: v for k, v in a.items() if k != "segmentation"} for a in anns]
     gt = annotations_to_instances(anns, (h, w), mask_format="bitmask")
-    masks = gt.gt_masks.tensor.numpy() if gt.has("gt_masks") else np.zeros((0, h, w), dtype=bool)
+    if not with_masks:
+        masks = None
+    elif gt.has("gt_masks"):
+        masks = gt.gt_masks.tensor.numpy()
+    else:  # no objects
+        masks = np.zeros((0, h, w), dtype=bool)
     return gt.gt_classes.numpy(), gt.gt_boxes.tensor.numpy().astype(np.float64), masks
 
 
@@ -123,19 +136,24 @@ def f1(counts):
 
 
 def _count_at(truth, threshold, iou_thresh):
-    """[objects, right class, wrong class, missed, unmatched drawn] over the images; ``truth``:
-    ((classes, boxes, masks) of the objects, predictions) per image."""
+    """([objects, right class, wrong class, missed, unmatched drawn] over the images, the IoU
+    used: "mask", "box" or "mask, box" when it differed between images); ``truth``: ((classes,
+    boxes, masks or None) of the objects, predictions) per image. Mask IoU where both the
+    predictions and the truth have masks, box IoU otherwise."""
     totals = np.zeros(5, dtype=np.int64)
+    used = set()
     for (gt_classes, gt_boxes, gt_masks), pred in truth:
         inst = pred["instances"].to("cpu")
         inst = inst[inst.scores >= threshold]
-        if inst.has("pred_masks"):
+        if inst.has("pred_masks") and gt_masks is not None:
             iou = _iou_matrix(inst.pred_masks.numpy().astype(bool), gt_masks)
+            used.add("mask")
         else:
             iou = _box_iou(inst.pred_boxes.tensor.numpy().astype(np.float64), gt_boxes)
+            used.add("box")
         counts = count_matches(inst.scores.numpy(), inst.pred_classes.numpy(), iou, gt_classes, iou_thresh)
         totals += np.array([len(gt_classes), *counts])
-    return totals
+    return totals, ", ".join(k for k in ("mask", "box") if k in used)
 
 
 def run_model(config, weights, args, logger):
@@ -143,6 +161,7 @@ def run_model(config, weights, args, logger):
     cfg = setup_cfg(config, ["MODEL.DEVICE", args.device])
     if not cfg.DATASETS.TEST:
         raise ValueError(f"{config}: DATASETS.TEST is empty; the gallery needs a test set with ground truth")
+    prepare_datasets(cfg)  # as the Trainer: the built-in sets with the config's D2SEG.SHAPES
     predictor = demo.build_predictor(cfg, weights)
     name = cfg.DATASETS.TEST[0]
     metadata = MetadataCatalog.get(name)
@@ -160,14 +179,15 @@ def run_model(config, weights, args, logger):
             valid = label != metadata.get("ignore_label", 255)
             pix[0] += int((guess[valid] == label[valid]).sum())
             pix[1] += int(valid.sum())
-        cells = [f"pixel accuracy {100.0 * pix[0] / max(pix[1], 1):.1f} %", "", "", "", ""]
+        cells = [f"pixel accuracy {100.0 * pix[0] / max(pix[1], 1):.1f} %", "", "", "", "", ""]
     else:
         candidates = AUTO_THRESHOLDS if args.threshold is None else (args.threshold,)
         truth = [(_gt_of(rec), pred) for rec, _, pred in seen]  # decoded once, counted per threshold
         per = {t: _count_at(truth, t, args.iou) for t in candidates}
         # auto: the best F1 of "found with the right class" (2 right / (drawn + objects)); ties: higher
-        threshold = max(candidates, key=lambda t: (f1(per[t]), t))
-        cells = [str(int(v)) for v in per[threshold]]
+        threshold = max(candidates, key=lambda t: (f1(per[t][0]), t))
+        counts, used = per[threshold]
+        cells = [str(int(v)) for v in counts] + [used]
     pictures = [Image.fromarray(demo.visualise(image[:, :, ::-1], pred, metadata, threshold,
                                                args.scale)[0].get_image()) for _, image, pred in seen]
     os.makedirs(args.output, exist_ok=True)
