@@ -211,11 +211,14 @@ def test_degenerate_annotations_are_dropped_with_warning(tmp_path, caplog):
     path = _write(tmp_path, _bad_annotations_json(), n_images=3)
     with caplog.at_level(logging.WARNING, logger="d2seg.data.coco"):
         recs = load_coco_checked(path, str(tmp_path))
-    msg = " ".join(r.getMessage() for r in caplog.records)
-    assert "Dropped 9 of 11 annotations" in msg
+    assert len(caplog.records) == 1  # one summary line
+    msg = caplog.records[0].getMessage()
+    assert "3 images, 11 annotations, 2 kept; dropped 9 of 11 annotations" in msg
     assert "2 x box with zero or negative width/height" in msg
-    assert "3 x empty or invalid polygon" in msg
+    assert "3 x empty or invalid polygon (fewer than 3 points)" in msg
     assert "no segmentation in a data set with masks" in msg
+    assert "changed 1 (1 x invalid polygon part removed (the rest kept))" in msg
+    assert recs.load_summary.num_kept == 2 and recs.load_summary.annotations_differ
     assert [len(r["annotations"]) for r in recs] == [2, 0, 0]
     kept = recs[0]["annotations"][1]
     assert kept["segmentation"] == [_square(40, 40, 10)]

@@ -3,9 +3,15 @@
 :func:`register_coco_dataset` is what a user calls for their own data (the counterpart of
 Detectron2's ``register_coco_instances``). Its loader, :func:`load_coco_checked`, turns a
 broken file into an error that names the file, the missing key and the offending
-image/annotation id, and drops annotations that would otherwise crash later inside a
-loss (boxes with zero or negative width/height, empty or invalid segmentations), logging
-how many it dropped and why.
+image/annotation id, and drops or clips the annotations that would otherwise be lost
+silently or crash later (in a loss, or in pycocotools at evaluation): boxes with zero or
+negative width/height, boxes outside the image, empty or invalid segmentations. Boxes
+that cross the image border are clipped to it, and so are their polygons, so box and mask
+stay consistent. One summary line per data set counts every annotation dropped or changed
+(and the crowd ones, which training skips) by reason; a data set that loses every
+annotation is an error. The records it returns are a :class:`CheckedRecords` list whose
+``load_summary`` says what happened, so that the evaluator can use the same cleaned
+annotations (:class:`d2seg.data.CheckedCOCOEvaluator`).
 """
 import json
 import logging
@@ -30,6 +36,73 @@ class CocoFormatError(ValueError):
     """A COCO json file that does not have the required structure."""
 
 
+class LoadSummary:
+    """What :func:`load_coco_checked` did to a file's annotations.
+
+    Attributes:
+        source (str): the json file (and the data set's name when known).
+        num_images, num_annotations (int): in the file.
+        dropped (Counter): reason -> number of annotations dropped.
+        changed (Counter): reason -> number of annotations kept but changed (clipped).
+        crowd (int): crowd annotations kept (evaluation only: training skips them).
+        missing_area (int): kept annotations without a numeric "area" (COCOeval needs one).
+    """
+
+    def __init__(self, source, num_images, num_annotations):
+        self.source = source
+        self.num_images = num_images
+        self.num_annotations = num_annotations
+        self.dropped = Counter()
+        self.changed = Counter()
+        self.crowd = 0
+        self.missing_area = 0
+
+    @property
+    def num_kept(self):
+        return self.num_annotations - sum(self.dropped.values())
+
+    @property
+    def annotations_differ(self):
+        """True when the records differ from the file's annotations in a way that the
+        evaluator must see (dropped, changed or area-less annotations)."""
+        return bool(self.dropped or self.changed or self.missing_area)
+
+    def line(self):
+        """The one-line summary."""
+        def counts(counter):
+            return ", ".join(f"{n} x {why}" for why, n in sorted(counter.items()))
+
+        parts = [f"{self.source}: {self.num_images} images, {self.num_annotations} annotations, "
+                 f"{self.num_kept} kept"]
+        if self.dropped:
+            parts.append(f"dropped {sum(self.dropped.values())} of {self.num_annotations} "
+                         f"annotations ({counts(self.dropped)})")
+        if self.changed:
+            parts.append(f"changed {sum(self.changed.values())} ({counts(self.changed)})")
+        if self.crowd:
+            parts.append(f"{self.crowd} crowd annotations kept for evaluation only (training "
+                         "skips them)")
+        if self.missing_area:
+            parts.append(f"{self.missing_area} without 'area' (the evaluator computes it)")
+        if self.dropped.get(_OUTSIDE):
+            parts.append("boxes outside the image: is 'bbox' [x, y, width, height] in pixels "
+                         "of the image's 'width' x 'height'?")
+        return "; ".join(parts)
+
+
+class CheckedRecords(list):
+    """The list of Detectron2 records returned by :func:`load_coco_checked`, with its
+    :class:`LoadSummary` as ``load_summary``."""
+
+    load_summary = None
+
+
+_OUTSIDE = "box outside the image"
+_CLIPPED = "box and mask clipped to the image"
+_POLYGON_OUTSIDE = "polygon outside the image"
+_POLYGON_PART = "invalid polygon part removed (the rest kept)"
+
+
 def _read_json(json_file):
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"COCO annotation file '{json_file}' does not exist")
@@ -52,21 +125,62 @@ def _require(entries, keys, kind, json_file):
         for key in keys:
             if key not in entry:
                 ident = f"id={entry['id']}" if "id" in entry else f"index {n}"
+                singular = {"categories": "category"}.get(kind, kind[:-1])
                 raise CocoFormatError(
-                    f"'{json_file}': {kind[:-1]} with {ident} lacks the required key '{key}'"
+                    f"'{json_file}': {singular} with {ident} lacks the required key '{key}'"
                 )
+
+
+def _is_id(v, ints_only=False):
+    """An id (or a size) as COCO has them: an int, or a str unless ``ints_only``; not a
+    bool."""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or (not ints_only and isinstance(v, str))
 
 
 def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _segmentation_problem(segm, height, width):
+def _clip_polygon(poly, width, height):
+    """The part of a flat polygon [x0, y0, x1, y1, ...] inside [0, width] x [0, height]
+    (Sutherland-Hodgman against the four sides: exact for convex polygons, and for a
+    concave one it covers the same area, with zero-width edges along the border). Returns
+    a flat list, with fewer than 6 values when nothing is left."""
+    points = list(zip(poly[0::2], poly[1::2]))
+    # each side: (is inside, intersection of the segment a-b with the side's line)
+    sides = (
+        (lambda p: p[0] >= 0, lambda a, b: (0.0, a[1] + (b[1] - a[1]) * (0 - a[0]) / (b[0] - a[0]))),
+        (lambda p: p[0] <= width,
+         lambda a, b: (float(width), a[1] + (b[1] - a[1]) * (width - a[0]) / (b[0] - a[0]))),
+        (lambda p: p[1] >= 0, lambda a, b: (a[0] + (b[0] - a[0]) * (0 - a[1]) / (b[1] - a[1]), 0.0)),
+        (lambda p: p[1] <= height,
+         lambda a, b: (a[0] + (b[0] - a[0]) * (height - a[1]) / (b[1] - a[1]), float(height))),
+    )
+    for inside, cross in sides:
+        if not points:
+            break
+        out = []
+        for i, cur in enumerate(points):
+            prev = points[i - 1]
+            if inside(cur):
+                if not inside(prev):
+                    out.append(cross(prev, cur))
+                out.append(cur)
+            elif inside(prev):
+                out.append(cross(prev, cur))
+        points = out
+    return [float(v) for p in points for v in p]
+
+
+def _segmentation_problem(segm, height, width, changes):
     """Returns (why, cleaned): ``why`` says why ``segm`` cannot be used, or is None; then
     ``cleaned`` is the segmentation to keep (invalid parts of a multi-polygon removed,
-    uncompressed RLE compressed, counts as str). Polygons of zero area are left to
-    Detectron2's filter_empty_instances (computing every polygon's area costs too much
-    on COCO-sized files)."""
+    polygons clipped to the image, uncompressed RLE compressed, counts as str). What was
+    changed is added to the set ``changes``. Polygons of zero area are left to Detectron2's
+    filter_empty_instances (computing every polygon's area costs too much on COCO-sized
+    files)."""
     if isinstance(segm, list):
         polys = [
             p for p in segm
@@ -74,29 +188,51 @@ def _segmentation_problem(segm, height, width):
             and all(_is_number(v) for v in p)
         ]
         if not polys:
-            return "empty or invalid polygon", None
-        return None, polys
+            return "empty or invalid polygon (fewer than 3 points)", None
+        if len(polys) < len(segm):
+            changes.add(_POLYGON_PART)
+        clipped = []
+        for p in polys:
+            if min(p) < 0 or max(p[0::2]) > width or max(p[1::2]) > height:
+                changes.add(_CLIPPED)
+                p = _clip_polygon(p, width, height)
+            if len(p) >= 6:
+                clipped.append(p)
+        if not clipped:
+            return _POLYGON_OUTSIDE, None
+        return None, clipped
     if isinstance(segm, dict):
         if "counts" not in segm or "size" not in segm:
             return "RLE without 'counts'/'size'", None
-        if isinstance(segm["counts"], list):
-            segm = mask_util.frPyObjects(segm, *segm["size"])
-        elif isinstance(segm["counts"], str):
-            segm = dict(segm)
-        else:
+        if segm["size"] != [height, width]:
+            return f"RLE size {segm['size']!r} differs from the image's [{height}, {width}]", None
+        if not isinstance(segm["counts"], (list, str)):
             return "RLE 'counts' neither a list nor a string", None
-        if list(segm["size"]) != [height, width]:
-            return f"RLE size {list(segm['size'])} differs from the image's [{height}, {width}]", None
         try:
+            if isinstance(segm["counts"], list):
+                segm = mask_util.frPyObjects(segm, height, width)
+            else:
+                segm = dict(segm)
             area = int(mask_util.area(segm))
-        except Exception as e:  # malformed counts string
-            return f"undecodable RLE ({e})", None
+        except Exception:  # malformed counts (pycocotools raises various types)
+            return "undecodable RLE", None
         if area == 0:
             return "empty RLE mask", None
         if isinstance(segm["counts"], bytes):
             segm["counts"] = segm["counts"].decode("ascii")
         return None, segm
     return f"segmentation of type {type(segm).__name__}", None
+
+
+def _clip_box(bbox, width, height):
+    """XYWH ``bbox`` clipped to the image, or None when nothing of it is inside."""
+    x0, y0 = max(bbox[0], 0), max(bbox[1], 0)
+    x1, y1 = min(bbox[0] + bbox[2], width), min(bbox[1] + bbox[3], height)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    if (x0, y0, x1, y1) == (bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]):
+        return bbox
+    return [x0, y0, x1 - x0, y1 - y0]
 
 
 def load_coco_checked(json_file, image_root, dataset_name=None):
@@ -108,12 +244,24 @@ def load_coco_checked(json_file, image_root, dataset_name=None):
         dataset_name (str or None): when given, sets ``thing_classes`` and
             ``thing_dataset_id_to_contiguous_id`` in its metadata (as load_coco_json).
 
+    Returns:
+        CheckedRecords: Detectron2's records (a list of dicts, image ids in order), with
+        ``load_summary`` (:class:`LoadSummary`), whose line is logged (WARNING when an
+        annotation was dropped or changed, else INFO).
+
+    Annotations dropped (counted by reason): box with zero or negative width/height, box
+    outside the image, annotation of an unknown image, empty / invalid / outside polygon,
+    empty or wrongly sized or undecodable RLE, no mask in a data set with masks. Changed
+    (counted): a box crossing the image border is clipped to it and so are its polygons;
+    invalid parts of a multi-part polygon are removed.
+
     Raises:
         FileNotFoundError: ``json_file`` does not exist.
         CocoFormatError (a ValueError): not valid JSON, a required key is missing
             (top-level images/annotations/categories; per image id/file_name/height/width;
             per annotation id/image_id/category_id/bbox; per category id/name), duplicate
-            ids, a malformed bbox, or an annotation pointing at an unknown category.
+            ids, a malformed bbox, an annotation pointing at an unknown category, or a
+            file whose annotations are all dropped (the error holds the summary).
     """
     json_file = os.fspath(json_file)
     data = _read_json(json_file)
@@ -132,15 +280,27 @@ def load_coco_checked(json_file, image_root, dataset_name=None):
         raise CocoFormatError(f"'{json_file}' has an empty 'categories' list")
 
     for kind, entries in (("image", images), ("annotation", anns), ("category", cats)):
+        for n, e in enumerate(entries):
+            if not _is_id(e["id"], ints_only=kind == "category"):
+                raise CocoFormatError(
+                    f"'{json_file}': {kind} at index {n} has id {e['id']!r}; expected an int"
+                    + ("" if kind == "category" else " or str"))
         dup = [i for i, c in Counter(e["id"] for e in entries).items() if c > 1]
         if dup:
             raise CocoFormatError(f"'{json_file}': {kind} ids are not unique (e.g. id={dup[0]})")
     for img in images:
         h, w = img["height"], img["width"]
-        if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+        if not (_is_id(h, True) and _is_id(w, True) and h > 0 and w > 0):
             raise CocoFormatError(
-                f"'{json_file}': image id={img['id']} has invalid height/width {h}/{w}"
+                f"'{json_file}': image id={img['id']} has invalid height/width {h!r}/{w!r}"
             )
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise CocoFormatError(f"'{json_file}': image id={img['id']} has file_name "
+                                  f"{img['file_name']!r}; expected a path relative to the image root")
+    for c in cats:
+        if not isinstance(c["name"], str):
+            raise CocoFormatError(f"'{json_file}': category id={c['id']} has name {c['name']!r}; "
+                                  "expected a string")
 
     cat_ids = sorted(c["id"] for c in cats)
     id_map = {cid: i for i, cid in enumerate(cat_ids)}
@@ -152,13 +312,23 @@ def load_coco_checked(json_file, image_root, dataset_name=None):
 
     img_by_id = {img["id"]: img for img in images}
     per_image = {img["id"]: [] for img in images}
-    dropped = Counter()
+    source = f"'{dataset_name}' ({json_file})" if dataset_name else f"'{json_file}'"
+    summary = LoadSummary(source, len(images), len(anns))
+    dropped = summary.dropped
     has_masks = any(a.get("segmentation") for a in anns)
     for ann in anns:
         aid = ann["id"]
+        for key in ("image_id", "category_id"):
+            if not _is_id(ann[key]):
+                raise CocoFormatError(f"'{json_file}': annotation id={aid} has {key} "
+                                      f"{ann[key]!r}; expected an int or str")
+        if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd"), float):
+            raise CocoFormatError(f"'{json_file}': annotation id={aid} has iscrowd "
+                                  f"{ann['iscrowd']!r}; expected 0 or 1")
         if ann["image_id"] not in img_by_id:
             dropped["image_id not in 'images'"] += 1
             continue
+        img = img_by_id[ann["image_id"]]
         if ann["category_id"] not in id_map:
             raise CocoFormatError(
                 f"'{json_file}': annotation id={aid} has category_id={ann['category_id']}, "
@@ -176,32 +346,47 @@ def load_coco_checked(json_file, image_root, dataset_name=None):
         if bbox[2] <= 0 or bbox[3] <= 0:
             dropped["box with zero or negative width/height"] += 1
             continue
+        changes = set()
+        clipped_box = _clip_box(bbox, img["width"], img["height"])
+        if clipped_box is None:
+            dropped[_OUTSIDE] += 1
+            continue
+        if clipped_box != bbox:
+            changes.add(_CLIPPED)
         obj = {k: ann[k] for k in _RECORD_ANN_KEYS if k in ann}
+        obj["bbox"] = clipped_box
         obj["category_id"] = id_map[ann["category_id"]]
         obj["bbox_mode"] = BoxMode.XYWH_ABS
         if has_masks:
             if "segmentation" not in ann:
                 dropped["no segmentation in a data set with masks"] += 1
                 continue
-            img = img_by_id[ann["image_id"]]
-            why, segm = _segmentation_problem(ann["segmentation"], img["height"], img["width"])
+            why, segm = _segmentation_problem(ann["segmentation"], img["height"], img["width"],
+                                              changes)
             if why is not None:
                 dropped[why] += 1
                 continue
             obj["segmentation"] = segm
+        if ann.get("keypoints") is not None and not (
+                isinstance(ann["keypoints"], list) and len(ann["keypoints"]) % 3 == 0
+                and all(_is_number(v) for v in ann["keypoints"])):
+            raise CocoFormatError(f"'{json_file}': annotation id={aid} has keypoints that are "
+                                  "not a list of numbers [x1, y1, v1, ...]")
         if ann.get("keypoints"):
             # COCO keypoints are pixel indices; Detectron2 wants continuous coordinates.
             obj["keypoints"] = [v + 0.5 if i % 3 != 2 else v for i, v in enumerate(ann["keypoints"])]
+        summary.missing_area += not _is_number(ann.get("area"))
+        summary.changed.update(changes)
+        summary.crowd += bool(obj.get("iscrowd", 0))
         per_image[ann["image_id"]].append(obj)
 
-    if dropped:
-        detail = ", ".join(f"{n} x {why}" for why, n in sorted(dropped.items()))
-        logger.warning(
-            f"Dropped {sum(dropped.values())} of {len(anns)} annotations in '{json_file}': {detail}"
-        )
+    if summary.num_annotations and summary.num_kept == 0:
+        raise CocoFormatError(f"every annotation was dropped: {summary.line()}")
+    (logger.warning if summary.dropped or summary.changed else logger.info)(summary.line())
 
-    records = []
-    for image_id in sorted(img_by_id):
+    records = CheckedRecords()
+    records.load_summary = summary
+    for image_id in sorted(img_by_id, key=lambda i: (isinstance(i, str), i)):
         img = img_by_id[image_id]
         records.append(
             {
@@ -212,7 +397,6 @@ def load_coco_checked(json_file, image_root, dataset_name=None):
                 "annotations": per_image[image_id],
             }
         )
-    logger.info(f"Loaded {len(records)} images in COCO format from {json_file}")
     return records
 
 
