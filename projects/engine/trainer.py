@@ -24,7 +24,6 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import (
     CityscapesInstanceEvaluator,
     CityscapesSemSegEvaluator,
-    COCOEvaluator,
     DatasetEvaluators,
     LVISEvaluator,
     SemSegEvaluator,
@@ -79,7 +78,9 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     if evaluator_type in ("sem_seg", "coco_panoptic_seg"):
         evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
     if evaluator_type in ("coco", "coco_panoptic_seg"):
-        evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
+        from ..data import CheckedCOCOEvaluator  # the annotations the loader kept
+
+        evaluators.append(CheckedCOCOEvaluator(dataset_name, output_dir=output_folder))
     if evaluator_type == "lvis":
         evaluators.append(LVISEvaluator(dataset_name, output_dir=output_folder))
     if evaluator_type == "cityscapes_instance":
