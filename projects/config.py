@@ -43,6 +43,19 @@ def add_shared_config(cfg):
     cfg.MODEL.FAST_INFERENCE = False
 
 
+def flag_among_opts(opts):
+    """The error message for the first command-line flag ("--resume") found among the
+    KEY VALUE config overrides ``opts``, or None. Parsers read everything after the first
+    KEY as overrides (argparse.REMAINDER), so a flag placed there would otherwise surface as
+    an "unknown config key" or odd-length error."""
+    flags = [o for o in opts if isinstance(o, str) and o.startswith("--")]
+    if not flags:
+        return None
+    return (f"{flags[0]} is placed after the KEY VALUE config overrides ({' '.join(opts[:2])} "
+            "...), where every word is read as a KEY or a VALUE: put the flags (--...) before "
+            "the first KEY VALUE pair")
+
+
 def add_d2seg_config(cfg):
     """Add every d2seg key (shared and per method) to a Detectron2 config, in place."""
     if hasattr(cfg, "D2SEG"):
