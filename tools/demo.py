@@ -7,8 +7,10 @@
 
 Runs on the CPU unless MODEL.DEVICE says otherwise (and a GPU is present). A file that is
 not a readable image is reported with a clear message and skipped; the exit status is 1
-if any input failed. An image on which nothing scores above the threshold gets a warning
-with the highest score the model gave.
+if any input failed. Outputs are named <stem>.png, and <stem>_<ext>.png where inputs share
+a stem (photo.jpg and photo.png keep both results); 16-bit images are scaled to 8 bits. An
+image on which nothing scores above the threshold gets a warning with the highest score the
+model gave.
 """
 import argparse
 import glob
@@ -16,16 +18,18 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import d2seg  # noqa: F401  (registers every method and the built-in data sets)
+from d2seg.config import flag_among_opts
+from d2seg.data import read_image_8bit
 from d2seg.engine import setup_cfg
 from d2seg.engine.checkpoint import AtomicCheckpointer
 
@@ -64,12 +68,30 @@ def expand_inputs(inputs):
     return paths
 
 
-def output_path(args, path, n_inputs):
+def output_names(paths):
+    """One distinct .png file name per input path: ``<stem>.png``, or, when several inputs
+    share a stem (photo.jpg and photo.png, or a/x.jpg and b/x.jpg), ``<stem>_<ext>.png``
+    and then a counter, so that no result overwrites another."""
+    stems = [os.path.splitext(os.path.basename(p)) for p in paths]
+    shared = {s for s, n in Counter(stem for stem, _ in stems).items() if n > 1}
+    names, taken = [], set()
+    for stem, ext in stems:
+        name = f"{stem}_{ext.lstrip('.').lower()}" if stem in shared else stem
+        base, k = name, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        names.append(name + ".png")
+    return names
+
+
+def output_path(args, name, n_inputs):
+    """Where the result called ``name`` (from :func:`output_names`) is written."""
     if n_inputs == 1 and os.path.splitext(args.output)[1].lower() in IMAGE_EXTS:
         return args.output
     os.makedirs(args.output, exist_ok=True)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return os.path.join(args.output, stem + ".png")
+    return os.path.join(args.output, name)
 
 
 def build_predictor(cfg, weights=None):
@@ -105,7 +127,10 @@ def visualise(image_rgb, predictions, metadata, threshold, scale=1.0):
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if flag_among_opts(args.opts):
+        parser.error(flag_among_opts(args.opts).replace("KEY VALUE", "--opts KEY VALUE"))
     setup_logger(name="d2seg")
     logger = setup_logger()
     from d2seg.data import register_coco_dataset
@@ -125,9 +150,9 @@ def main(argv=None):
         print(f"error: no input images found in {args.input}", file=sys.stderr)
         return 1
     failed = 0
-    for path in paths:
+    for path, name in zip(paths, output_names(paths)):
         try:
-            image = read_image(path, format="BGR")
+            image = read_image_8bit(path, format="BGR")  # 16-bit images scaled, not saturated
         except Exception as e:  # PIL/OS errors: name the file, keep going
             failed += 1
             print(f"error: cannot read image '{path}': {type(e).__name__}: {e}", file=sys.stderr)
@@ -137,7 +162,7 @@ def main(argv=None):
         elapsed = time.perf_counter() - start
         out, n, best = visualise(image[:, :, ::-1], predictions, metadata, args.confidence_threshold,
                                  args.scale)
-        dst = output_path(args, path, len(paths))
+        dst = output_path(args, name, len(paths))
         out.save(dst)
         what = f"{n} instances" if n is not None else "semantic map"
         logger.info(f"{path}: {what} in {elapsed:.2f}s -> {dst}")

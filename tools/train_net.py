@@ -22,6 +22,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import d2seg  # noqa: F401  (registers every method and the built-in data sets)
+from d2seg.config import flag_among_opts
 from d2seg.engine import AtomicCheckpointer, Trainer, setup_cfg
 
 
@@ -68,8 +69,19 @@ def get_parser():
     return parser
 
 
+def parse_args(argv=None):
+    """The command line's arguments; a flag after the KEY VALUE overrides is an error that
+    says so (with the usage), exit status 2."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    problem = flag_among_opts(args.opts)
+    if problem:
+        parser.error(problem)
+    return args
+
+
 def invoke_main():
-    args = get_parser().parse_args()
+    args = parse_args()
     print("Command Line Args:", args)
     launch(
         main,
