@@ -1,7 +1,7 @@
 """``python -m d2seg.model_zoo``: see and fetch the model zoo.
 
     python -m d2seg.model_zoo list                      # every entry: method, config, size, AP, checksum
-    python -m d2seg.model_zoo download adelaidet/FCOS_R_50_1x 'adelaidet/CondInst_*' --to /shared/d2seg_cache
+    python -m d2seg.model_zoo download adelaidet/FCOS_R_50_1x 'adelaidet/CondInst_*' --to /nfs/$USER/d2seg_cache
     python -m d2seg.model_zoo download detectron2/PointRend/pointrend_rcnn_R_50_FPN_3x_coco --pin
 
 ``download`` fills a cache folder (``--to DIR``, default ``$D2SEG_CACHE`` or d2seg's default

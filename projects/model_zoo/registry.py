@@ -330,20 +330,24 @@ for (_name, _method, _file, _repos, _sha, _size, _conv, _cfg, _metric, _pages, _
         pages=tuple(_HF_PAGE + p for p in _pages),
         note=_note))
 
-_D2 = "https://dl.fbaipublicfiles.com/detectron2/PointRend/InstanceSegmentation/{}/{}"
+_D2 = "https://dl.fbaipublicfiles.com/detectron2/PointRend/{}/{}/{}"
 _D2_PAGE = "https://github.com/facebookresearch/detectron2/blob/main/projects/PointRend/README.md"
 _D2_UNPINNED = ("Detectron2 publishes no checksum for its model zoo files (the suffix of model_final_xxxxxx.pkl "
                 "is not a hash prefix).")
-_POINTREND = [
-    ("pointrend_rcnn_R_50_FPN_1x_coco", "164254221/model_final_736f5a.pkl", "mask AP 36.2"),
-    ("pointrend_rcnn_R_50_FPN_3x_coco", "164955410/model_final_edd263.pkl", "mask AP 38.3"),
-    ("pointrend_rcnn_R_101_FPN_3x_coco", "28119983/model_final_3f4d2a.pkl", "mask AP 40.1"),
-    ("pointrend_rcnn_X_101_32x8d_FPN_3x_coco", "28119989/model_final_ba17b9.pkl", "mask AP 41.1"),
-    ("pointrend_rcnn_R_50_FPN_1x_cityscapes", "164255101/model_final_115bfb.pkl", "mask AP 35.9 (Cityscapes)"),
+_POINTREND = [  # name, file, metric (Detectron2's PointRend README), task folder
+    ("pointrend_rcnn_R_50_FPN_1x_coco", "164254221/model_final_736f5a.pkl", "mask AP 36.2", "InstanceSegmentation"),
+    ("pointrend_rcnn_R_50_FPN_3x_coco", "164955410/model_final_edd263.pkl", "mask AP 38.3", "InstanceSegmentation"),
+    ("pointrend_rcnn_R_101_FPN_3x_coco", "28119983/model_final_3f4d2a.pkl", "mask AP 40.1", "InstanceSegmentation"),
+    ("pointrend_rcnn_X_101_32x8d_FPN_3x_coco", "28119989/model_final_ba17b9.pkl", "mask AP 41.1",
+     "InstanceSegmentation"),
+    ("pointrend_rcnn_R_50_FPN_1x_cityscapes", "164255101/model_final_115bfb.pkl", "mask AP 35.9 (Cityscapes)",
+     "InstanceSegmentation"),
+    ("pointrend_semantic_R_101_FPN_1x_cityscapes", "202576688/model_final_cf6ac1.pkl", "mIoU 78.9 (Cityscapes)",
+     "SemanticSegmentation"),
 ]
-for _name, _file, _metric in _POINTREND:
+for _name, _file, _metric, _task in _POINTREND:
     register_checkpoint(CheckpointEntry(
-        name=f"detectron2/PointRend/{_name}", urls=(_D2.format(_name, _file),), sha256=None,
+        name=f"detectron2/PointRend/{_name}", urls=(_D2.format(_task, _name, _file),), sha256=None,
         converter="pointrend-upstream", config=f"PointRend/{_name}.yaml", filename=_file.split("/")[-1],
         method="PointRend", metric=_metric, unpinned=_D2_UNPINNED, pages=(_D2_PAGE,),
         note="Detectron2 .pkl (numpy arrays): read by d2seg's restricted unpickler, no pickle opt-in needed"))
