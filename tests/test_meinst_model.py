@@ -14,6 +14,7 @@ from d2seg.config import get_d2seg_cfg
 from d2seg.meinst import (
     MaskEncoding,
     MaskEncodingError,
+    MaskEncodingParams,
     MaskStatistics,
     code_loss,
     mask_targets_of_positives,
@@ -193,7 +194,7 @@ def test_config_errors(encoding_file, tmp_path):
     with pytest.raises(FileNotFoundError, match="meinst_encoding.py"):
         build_model(_cfg(str(tmp_path / "nope.npz")))
     with pytest.raises(FileNotFoundError, match="ENCODING_DATASET"):
-        build_model(_cfg(""))
+        build_model(_cfg("", "DATASETS.TRAIN", "()"))
     with pytest.raises(ValueError, match="SIGMOID"):
         build_model(_cfg(encoding_file, "MODEL.MEINST.LOSS_ON_MASK", "True", "MODEL.MEINST.SIGMOID", "False"))
 
@@ -214,6 +215,68 @@ def test_encoding_learnt_on_first_use_from_shapes(tmp_path, monkeypatch):
     p2 = encoding_for_config(cfg)
     assert os.path.getmtime(path) == mtime
     np.testing.assert_allclose(p1.components, p2.components, atol=1e-6)
+
+
+def _register_own_data(tmp_path, name, offsets):
+    """A COCO file with one 64 px image per offset, each with a square and an L-shaped
+    polygon (images are not read to learn an encoding), registered under ``name``."""
+    import json
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from d2seg.data import register_coco_dataset
+
+    images, anns = [], []
+    for i, o in enumerate(offsets):
+        images.append({"id": i + 1, "file_name": f"{i}.jpg", "height": 64, "width": 64})
+        for poly in ([o, o, o + 20, o, o + 20, o + 20, o, o + 20],
+                     [30, 30, 60, 30, 60, 40, 40, 40, 40, 60, 30, 60]):
+            xs, ys = poly[0::2], poly[1::2]
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                         "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                         "segmentation": [poly], "area": 1})
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "thing"}]}))
+    register_coco_dataset(name, str(path), str(tmp_path))
+    return lambda: (DatasetCatalog.remove(name), MetadataCatalog.remove(name))
+
+
+def test_encoding_follows_the_training_data(tmp_path, caplog):
+    """With the shapes config on your own data, the encoding is learnt from DATASETS.TRAIN
+    (not shapes_train), named in a log line, cached by a hash of the data (changed data:
+    another file); an ENCODING_DATASET or an encoding file from other data is an error."""
+    import logging
+
+    from d2seg.meinst.learn import default_encoding_path, encoding_for_config
+
+    unregister = _register_own_data(tmp_path, "_meinst_mine", [2, 4, 6])
+    try:
+        cfg = _cfg("", "DATASETS.TRAIN", "('_meinst_mine',)")
+        with caplog.at_level(logging.INFO, logger="d2seg.meinst.learn"):
+            params = encoding_for_config(cfg)
+        path = default_encoding_path(cfg)
+        assert params.dataset == "_meinst_mine" and params.num_masks == 6
+        assert f"MEInst: mask encoding {path}: learnt from _meinst_mine (6 masks)" in caplog.text
+        assert os.path.isfile(path)
+
+        unregister()
+        unregister = _register_own_data(tmp_path, "_meinst_mine", [2, 4, 6, 8])
+        other = default_encoding_path(cfg)
+        assert other != path and encoding_for_config(cfg).num_masks == 8
+
+        with pytest.raises(MaskEncodingError, match=r"ENCODING_DATASET='shapes_train' is not among "
+                                                    r"DATASETS.TRAIN=\('_meinst_mine',\)"):
+            encoding_for_config(_cfg("", "DATASETS.TRAIN", "('_meinst_mine',)",
+                                     "MODEL.MEINST.ENCODING_DATASET", "shapes_train"))
+        foreign = str(tmp_path / "foreign.npz")
+        save_encoding(foreign, MaskEncodingParams(params.components, params.explained_variance,
+                                                  params.mean, M, True, True, 6, "shapes_train"))
+        with pytest.raises(MaskEncodingError, match=r"learnt from 'shapes_train', but the model "
+                                                    r"trains on DATASETS.TRAIN=\('_meinst_mine',\)"):
+            build_model(_cfg(foreign, "DATASETS.TRAIN", "('_meinst_mine',)"))
+    finally:
+        unregister()
 
 
 def test_all_configs_merge():

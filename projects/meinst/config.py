@@ -19,12 +19,15 @@ def add_meinst_config(cfg):
     # into DIM_MASK coefficients.
     _C.MASK_SIZE = 28
     _C.DIM_MASK = 60
-    # The encoding file (.npz) made by tools/meinst_encoding.py. "" with ENCODING_DATASET
-    # set means a file cached under $DETECTRON2_DATASETS/meinst/ (named after the data
-    # set, m, N and the flags), learnt on first use.
+    # The encoding file (.npz) made by tools/meinst_encoding.py; if it records the data set
+    # it was learnt from, that must be among DATASETS.TRAIN (else an error). "" means: learn
+    # it from the training data on first use and cache it under $DETECTRON2_DATASETS/meinst/
+    # (named after the data sets, m, N, the flags and a hash of the data).
     _C.PATH_COMPONENTS = ""
-    # If the encoding file is missing, learn it from this registered data set and save it
-    # (meant for small data sets such as shapes_train; for COCO run the tool once).
+    # The training data set to learn the encoding from ("": all of DATASETS.TRAIN). It must
+    # be one of DATASETS.TRAIN (else an error names the mismatch). With PATH_COMPONENTS set
+    # and missing, the encoding is learnt from it into that file. Learning reads every mask
+    # once (seconds on small data sets; for COCO run tools/meinst_encoding.py once).
     _C.ENCODING_DATASET = ""
     # Whiten the codes (divide by the square root of the explained variance).
     _C.WHITEN = True

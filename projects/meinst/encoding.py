@@ -311,7 +311,8 @@ def load_encoding(
         raise FileNotFoundError(
             f"MEInst mask-encoding file not found: {what}={path!r}. Learn it with "
             f"`python tools/meinst_encoding.py --dataset <train set> --mask-size "
-            f"{mask_size or 28} --num-components {num_components or 60} --output {path or 'X.npz'}`."
+            f"{mask_size or 28} --num-components {num_components or 60} --output {path or 'X.npz'}`, "
+            f"or set {what} '' to learn it from DATASETS.TRAIN on first use."
         )
     try:
         with np.load(path, allow_pickle=False) as f:

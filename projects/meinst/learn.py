@@ -8,6 +8,7 @@ Each non-crowd instance mask (polygons, COCO RLE compressed or not, or a (H, W) 
 is cropped to its annotated box and resized to m x m with Detectron2's
 ``crop_and_resize`` (ROIAlign, then >= 0.5), exactly as the training targets are made.
 """
+import itertools
 import logging
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
@@ -18,10 +19,14 @@ from torch import Tensor
 from detectron2.data import DatasetCatalog
 from detectron2.structures import BitMasks, BoxMode, PolygonMasks
 
-from .encoding import MaskEncoding, MaskEncodingParams, MaskStatistics, mask_iou
+from .encoding import MaskEncoding, MaskEncodingError, MaskEncodingParams, MaskStatistics, mask_iou
 
 __all__ = [
     "crop_masks_of_record",
+    "data_hash",
+    "default_encoding_path",
+    "encoding_for_config",
+    "encoding_sources",
     "iter_dataset_masks",
     "learn_encoding",
     "reconstruction_miou",
@@ -143,10 +148,61 @@ def reconstruction_miou(
     return {p.num_components: s / count for p, s in zip(encodings, sums)}
 
 
+def encoding_sources(cfg) -> List[str]:
+    """The data sets the encoding of ``cfg`` is learnt from: ``MODEL.MEINST.ENCODING_DATASET``
+    when set (it must be one of DATASETS.TRAIN), else every data set of DATASETS.TRAIN.
+
+    Raises:
+        MaskEncodingError: ENCODING_DATASET is not among DATASETS.TRAIN (the encoding would
+            come from other data than the model trains on), or both are empty.
+    """
+    mc, train = cfg.MODEL.MEINST, list(cfg.DATASETS.TRAIN)
+    if mc.ENCODING_DATASET:
+        if train and mc.ENCODING_DATASET not in train:
+            raise MaskEncodingError(
+                f"MODEL.MEINST.ENCODING_DATASET={mc.ENCODING_DATASET!r} is not among "
+                f"DATASETS.TRAIN={tuple(train)}: the mask encoding would be learnt from other data "
+                "than the model trains on. Set MODEL.MEINST.ENCODING_DATASET '' to learn it from "
+                "DATASETS.TRAIN, or name one of them."
+            )
+        return [mc.ENCODING_DATASET]
+    if not train:
+        raise FileNotFoundError(
+            "MEInst needs a mask encoding: set MODEL.MEINST.PATH_COMPONENTS to a file made by "
+            "tools/meinst_encoding.py, or DATASETS.TRAIN (or MODEL.MEINST.ENCODING_DATASET) to "
+            "the registered data set to learn it from on first use."
+        )
+    return train
+
+
+def data_hash(names: Sequence[str]) -> str:
+    """A SHA-1 of the data sets ``names``: each one's json file (its bytes) when its metadata
+    names an existing one, else its records (Detectron2 dicts, as sorted JSON)."""
+    import hashlib
+    import json
+    import os
+
+    from detectron2.data import MetadataCatalog
+
+    h = hashlib.sha1()
+    for name in names:
+        json_file = MetadataCatalog.get(name).get("json_file", None)
+        if json_file and os.path.isfile(json_file):
+            with open(json_file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        else:
+            h.update(json.dumps(DatasetCatalog.get(name), sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def default_encoding_path(cfg) -> str:
-    """Where the encoding of ``MODEL.MEINST.ENCODING_DATASET`` is cached when
-    ``MODEL.MEINST.PATH_COMPONENTS`` is empty: $DETECTRON2_DATASETS/meinst/<name>_m.._n...npz,
-    <name> being the data set's folder when its metadata has a json_file."""
+    """Where the encoding learnt from :func:`encoding_sources` is cached when
+    ``MODEL.MEINST.PATH_COMPONENTS`` is empty:
+    $DETECTRON2_DATASETS/meinst/<tag>_m.._n.._whiten._sigmoid._<hash>.npz, <tag> being each
+    source's folder (when its metadata has a json_file) or name, <hash> the first 12 hex
+    digits of :func:`data_hash`: changed data gives another file."""
     import os
 
     from detectron2.data import MetadataCatalog
@@ -154,17 +210,43 @@ def default_encoding_path(cfg) -> str:
     from d2seg.data import datasets_root
 
     mc = cfg.MODEL.MEINST
-    name = mc.ENCODING_DATASET
-    json_file = MetadataCatalog.get(name).get("json_file", None) if name in DatasetCatalog.list() else None
-    tag = os.path.basename(os.path.dirname(json_file)) if json_file else name
-    fname = f"{tag}_m{mc.MASK_SIZE}_n{mc.DIM_MASK}_whiten{int(mc.WHITEN)}_sigmoid{int(mc.SIGMOID)}.npz"
+    names = encoding_sources(cfg)
+    tags = []
+    for name in names:
+        json_file = MetadataCatalog.get(name).get("json_file", None) if name in DatasetCatalog.list() else None
+        tags.append(os.path.basename(os.path.dirname(json_file)) if json_file else name)
+    fname = (f"{'+'.join(tags)}_m{mc.MASK_SIZE}_n{mc.DIM_MASK}_whiten{int(mc.WHITEN)}"
+             f"_sigmoid{int(mc.SIGMOID)}_{data_hash(names)[:12]}.npz")
     return os.path.join(datasets_root(), "meinst", fname)
 
 
+def _check_source(params: MaskEncodingParams, path: str, cfg) -> None:
+    """An encoding file that records the data set it was learnt from must have been learnt
+    from the training data (DATASETS.TRAIN), unless the config names no training data."""
+    train = list(cfg.DATASETS.TRAIN)
+    sources = [s for s in params.dataset.split("+") if s]
+    if train and sources and not set(sources) <= set(train):
+        raise MaskEncodingError(
+            f"the mask encoding {path} (MODEL.MEINST.PATH_COMPONENTS) was learnt from "
+            f"{params.dataset!r}, but the model trains on DATASETS.TRAIN={tuple(train)}. Set "
+            "MODEL.MEINST.PATH_COMPONENTS '' to learn the encoding from DATASETS.TRAIN (cached "
+            "by a hash of the data), or point it at an encoding learnt from that data "
+            "(tools/meinst_encoding.py)."
+        )
+
+
 def encoding_for_config(cfg) -> MaskEncodingParams:
-    """The encoding a config asks for: read ``MODEL.MEINST.PATH_COMPONENTS`` (checked
-    against MASK_SIZE / DIM_MASK / WHITEN / SIGMOID), or, when that file is missing and
-    ``MODEL.MEINST.ENCODING_DATASET`` is set, learn it from that data set and save it."""
+    """The encoding a config asks for, following the training data:
+
+    * ``MODEL.MEINST.PATH_COMPONENTS`` set: that file (checked against MASK_SIZE / DIM_MASK /
+      WHITEN / SIGMOID, and, when it records the data set it was learnt from, against
+      DATASETS.TRAIN); a missing file is learnt there from ENCODING_DATASET when that is set;
+    * else learnt from :func:`encoding_sources` (ENCODING_DATASET, which must be one of
+      DATASETS.TRAIN, or all of DATASETS.TRAIN) on first use and cached under
+      :func:`default_encoding_path`, named by a hash of the data.
+
+    One INFO line names the file and the data it was learnt from.
+    """
     import os
 
     from .encoding import load_encoding, save_encoding
@@ -172,24 +254,27 @@ def encoding_for_config(cfg) -> MaskEncodingParams:
     mc = cfg.MODEL.MEINST
     kw = dict(mask_size=mc.MASK_SIZE, num_components=mc.DIM_MASK, whiten=mc.WHITEN, sigmoid=mc.SIGMOID)
     path = mc.PATH_COMPONENTS
-    if not path and not mc.ENCODING_DATASET:
-        raise FileNotFoundError(
-            "MEInst needs a mask encoding: set MODEL.MEINST.PATH_COMPONENTS to a file made by "
-            "tools/meinst_encoding.py, or MODEL.MEINST.ENCODING_DATASET to a registered data set "
-            "to learn it from on first use."
-        )
-    if mc.ENCODING_DATASET:
+    if not path or mc.ENCODING_DATASET:
         from d2seg.data import prepare_datasets
 
         prepare_datasets(cfg)  # registers/generates the built-in data sets with cfg's params
-        if not path:
-            path = default_encoding_path(cfg)
+        names = encoding_sources(cfg)
+        missing = [n for n in names if n not in DatasetCatalog.list()]
+        if missing:
+            raise KeyError(f"MEInst: the mask encoding's data set {missing[0]!r} (MODEL.MEINST."
+                           f"ENCODING_DATASET or DATASETS.TRAIN) is not a registered data set.")
+        path = path or default_encoding_path(cfg)
         if not os.path.isfile(path):
-            if mc.ENCODING_DATASET not in DatasetCatalog.list():
-                raise KeyError(f"MODEL.MEINST.ENCODING_DATASET={mc.ENCODING_DATASET!r} is not a "
-                               f"registered data set.")
-            logger.info(f"MEInst: learning the mask encoding from {mc.ENCODING_DATASET} into {path}")
-            params = learn_encoding(mc.ENCODING_DATASET, mc.MASK_SIZE, mc.DIM_MASK, mc.WHITEN, mc.SIGMOID)
+            source = "+".join(names)
+            logger.info(f"MEInst: learning the mask encoding from {source} into {path}")
+            records = itertools.chain.from_iterable(DatasetCatalog.get(n) for n in names)
+            params = learn_encoding(records, mc.MASK_SIZE, mc.DIM_MASK, mc.WHITEN, mc.SIGMOID)
+            params.dataset = source
             save_encoding(path, params)
     what = "MODEL.MEINST.PATH_COMPONENTS" if mc.PATH_COMPONENTS else "cached encoding"
-    return load_encoding(path, what=what, **kw)
+    params = load_encoding(path, what=what, **kw)
+    _check_source(params, path, cfg)
+    learnt_from = (f"learnt from {params.dataset} ({params.num_masks} masks)" if params.dataset
+                   else "its source data set is not recorded")
+    logger.info(f"MEInst: mask encoding {path}: {learnt_from}")
+    return params
