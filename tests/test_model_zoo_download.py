@@ -35,7 +35,8 @@ class Route:
     body: the file; status: the HTTP status (a 3xx needs ``location``, a 4xx/5xx sends no
     body); ranges: honour ``Range: bytes=N-`` (206) or ignore it (200, whole file);
     cut_at / cuts: for the first ``cuts`` requests, close the connection after sending the
-    file up to byte ``cut_at`` (while promising all of it); content_type: of the answer.
+    file up to byte ``cut_at`` (while promising all of it); content_type: of the answer;
+    length: send Content-Length (else the body ends where the connection closes).
     """
 
     body: bytes = b""
@@ -45,6 +46,7 @@ class Route:
     cut_at: int = 0
     cuts: int = 0
     content_type: str = "application/octet-stream"
+    length: bool = True
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -73,7 +75,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         self.send_header("Content-Type", route.content_type)
-        self.send_header("Content-Length", str(len(body) - start))
+        if route.length:
+            self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         end = len(body)
         if route.cuts > 0:
@@ -189,6 +192,16 @@ def test_resume_across_calls_from_the_part_file(server, cache, entry):
     assert open(e.fetch(**FAST), "rb").read() == BODY
     assert _Handler.hits[-1] == ("/w.pth", f"bytes={cut}-")
     assert not os.path.exists(e.cache_path() + ".part")
+
+
+def test_cut_without_content_length_is_caught_by_the_published_size(server, cache, entry):
+    """Without Content-Length a cut transfer looks complete to HTTP; the entry's size shows
+    it is not, and the rest is fetched with Range."""
+    _, base = server
+    _Handler.routes["/w.pth"] = Route(BODY, cut_at=77_777, cuts=1, length=False)
+    e = entry("test/nolength", base + "/w.pth", sha(BODY), size=len(BODY))
+    assert open(e.fetch(**FAST), "rb").read() == BODY
+    assert _Handler.hits == [("/w.pth", None), ("/w.pth", "bytes=77777-")]
 
 
 def test_server_that_ignores_range_is_read_again(server, cache, entry):

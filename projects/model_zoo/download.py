@@ -270,8 +270,12 @@ def _fetch_part(url: str, part: str, size: Optional[int], name: str, timeout: fl
                 finally:
                     progress.close()
                 got = os.path.getsize(part)
-                if total is not None and got < total:
-                    raise http.client.IncompleteRead(b"", total - got)
+                expected = total if total is not None else size  # no Content-Length: the published size
+                if expected is not None and got < expected:
+                    raise http.client.IncompleteRead(b"", expected - got)
+                if size is not None and got > size:
+                    os.unlink(part)
+                    raise _MirrorFailed(f"{url} delivered {got} bytes, the zoo expects {size}: another file")
                 return resp.geturl()
         except urllib.error.HTTPError as e:
             if e.code == 416 and offset:  # the part does not fit the file any more
