@@ -102,6 +102,30 @@ def test_registry_entries_are_live_pinned_or_explicitly_unpinned():
         model_zoo.get_checkpoint("adelaidet/nope")
 
 
+def test_model_zoo_modules_import_each_other_without_a_cycle():
+    """download <- registry <- weights, and so on: the graph of imports between the
+    modules of d2seg/model_zoo/ (also those inside functions) has no cycle."""
+    import ast
+    import graphlib
+
+    folder = os.path.join(REPO, "projects", "model_zoo")
+    mods = {f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f != "__init__.py"}
+    graph = {}
+    for m in mods:
+        tree = ast.parse(open(os.path.join(folder, m + ".py")).read())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                name = node.module or ""
+                if node.level == 1 or name.startswith("d2seg.model_zoo"):
+                    name = name.rsplit(".", 1)[-1] if name else ""
+                    deps |= {name} if name in mods else {a.name for a in node.names if a.name in mods}
+        graph[m] = deps - {m}
+    assert "registry" in graph["weights"] and "download" in graph["registry"]
+    assert not graph["download"] & {"registry", "weights"}
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError on a cycle
+
+
 def test_list_command_prints_every_entry(capsys):
     assert zoo_main(["list"]) == 0
     out = capsys.readouterr().out.splitlines()
