@@ -10,7 +10,6 @@ Modules, one job each:
                       head, and the training loss; shared by both variants
     retinanet.py      PointINSRetinaNet (META_ARCH_REGISTRY): RetinaNet, A = 9
     fcos_head.py      PointINSMaskHead (ONE_STAGE_MASK_HEAD_REGISTRY) on OneStageDetector
-    benchmark.py      CPU inference timing against Mask R-CNN (python -m d2seg.pointins.benchmark)
     mask_quality.py   mask IoU given the detected boxes (python -m d2seg.pointins.mask_quality)
 """
 from . import config  # noqa: F401  (registers MODEL.POINTINS keys)
