@@ -325,6 +325,22 @@ def test_progress_lines_when_not_on_a_terminal(server, cache, entry, caplog, mon
     assert re.search(r"3\.1 MB of 3\.1 MB \(100\.0 %\), [\d.]+ MB/s, ETA 0 s", lines[-1]), lines[-1]
 
 
+def test_progress_bar_on_a_terminal(server, cache, entry, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    _, base = server
+    _Handler.routes["/w.pth"] = Route(BODY * 3)
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    entry("test/bar", base + "/w.pth", sha(BODY * 3)).fetch(**FAST)
+    assert re.search(r"w\.pth: 100%.*3\.00M/3\.00M", term.getvalue()), term.getvalue()[-300:]
+
+
 def test_cli_download_fills_another_cache(server, cache, entry, tmp_path, capsys):
     _, base = server
     _Handler.routes["/a.pth"] = Route(BODY)

@@ -138,7 +138,7 @@ class _Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc=name, leave=False, dynamic_ncols=True)
+                            desc=name, dynamic_ncols=True)
 
     def update(self, n: int) -> None:
         self.done += n
