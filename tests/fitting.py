@@ -39,6 +39,9 @@ class FitPlan:
     images: int = 4
     size: int = 64
     opts: tuple = ()  # config overrides that make the fit cheaper (not the model's design)
+    # negative controls only: the dotted name of a submodule that sees zeros instead of its
+    # inputs (``blind``), so that what it outputs cannot depend on the image
+    blind: str = ""
 
 
 # Per config: how to fit it. Everything not listed uses FitPlan(). Chosen so that each fit
@@ -117,21 +120,40 @@ def _build_cfg(config, plan, output_dir):
     return setup_cfg(path, fit_opts(plan, output_dir) + ["DATASETS.TEST", str(tuple(cfg.DATASETS.TRAIN))])
 
 
-def _setup(config):
+def _zeros_like(x):
+    """``x`` (a tensor, or lists, tuples and dicts of them) with every tensor zeroed."""
+    if torch.is_tensor(x):
+        return torch.zeros_like(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_zeros_like(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _zeros_like(v) for k, v in x.items()}
+    return x
+
+
+def blind(module):
+    """Make ``module`` see zeros instead of its inputs (a forward pre-hook; returns the hook
+    handle). Its outputs then depend on its own parameters only, never on the image."""
+    return module.register_forward_pre_hook(lambda _module, args: _zeros_like(args))
+
+
+def _setup(config, plan=None):
     """cfg, freshly initialised model (seeded: the same weights in every process) and the
-    fixed batch of ``config``'s fit."""
+    fixed batch of ``config``'s fit by ``plan`` (default: its own, ``plan_for(config)``)."""
     from detectron2.data import DatasetCatalog
 
     from d2seg.data import D2SegDatasetMapper, prepare_datasets
     from d2seg.engine import Trainer
 
-    plan = plan_for(config)
+    plan = plan or plan_for(config)
     cfg = _build_cfg(config, plan, tempfile.mkdtemp(prefix="d2seg-fit-"))
     prepare_datasets(cfg)
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
     model = Trainer.build_model(cfg)
+    if plan.blind:
+        blind(model.get_submodule(plan.blind))
     mapper = D2SegDatasetMapper(cfg, is_train=True)
     batch = [mapper(d) for d in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[: plan.images]]
     return cfg, model, batch
@@ -168,15 +190,15 @@ def _train(cfg, model, batch, plan):
     return losses
 
 
-def _fit_worker(config):
+def _fit_worker(config, plan):
     """Runs in a worker process: the whole fit with one thread; returns what the parent
     needs to rebuild the fitted model."""
     torch.set_num_threads(1)
     import d2seg  # noqa: F401  registers the methods and data sets in this process
 
-    cfg, model, batch = _setup(config)
+    cfg, model, batch = _setup(config, plan)
     start = time.perf_counter()
-    losses = _train(cfg, model, batch, plan_for(config))
+    losses = _train(cfg, model, batch, plan)
     return model.state_dict(), losses, time.perf_counter() - start
 
 
@@ -187,24 +209,30 @@ def _fit_worker(config):
 # machine with the same CPU, whatever its core count.
 WORKERS = int(os.environ.get("D2SEG_FIT_WORKERS", "2"))
 _pool = None
-_futures = {}
+_futures = {}  # (config, plan) -> future of _fit_worker
+
+
+def _fit_key(item):
+    """(config, plan) of a fit: ``item`` is a config (fitted by its own plan) or such a pair."""
+    return item if isinstance(item, tuple) else (item, plan_for(item))
 
 
 def prefetch(configs):
-    """Start fitting ``configs`` (costliest first) in the worker pool."""
+    """Start fitting ``configs`` (costliest first) in the worker pool; an item is a config
+    or a (config, plan) pair."""
     global _pool
     import concurrent.futures
     import multiprocessing
 
-    todo = [c for c in configs if c not in _futures]
+    todo = [k for k in map(_fit_key, configs) if k not in _futures]
     if not todo:
         return
     if _pool is None:
         _pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=WORKERS, mp_context=multiprocessing.get_context("spawn"))
-    todo.sort(key=lambda c: -COST.get(c, 1))
-    for c in todo:
-        _futures[c] = _pool.submit(_fit_worker, c)
+    todo.sort(key=lambda k: -COST.get(k[0], 1))
+    for key in todo:
+        _futures[key] = _pool.submit(_fit_worker, *key)
 
 
 def shutdown():
@@ -234,11 +262,12 @@ COST = {
 
 
 @functools.lru_cache(maxsize=None)
-def fitted(config):
-    """``Fit`` of ``config`` fitted by its plan (in the worker pool); cached."""
-    prefetch([config])
-    state, losses, seconds = _futures[config].result()
-    cfg, model, batch = _setup(config)
+def fitted(config, plan=None):
+    """``Fit`` of ``config`` fitted by ``plan`` (default: its own) in the worker pool; cached."""
+    key = _fit_key((config, plan) if plan else config)
+    prefetch([key])
+    state, losses, seconds = _futures[key].result()
+    cfg, model, batch = _setup(*key)
     model.load_state_dict(state)
     model.eval()
     return Fit(cfg, model, batch, seconds, losses)
