@@ -91,7 +91,11 @@ def autocast_on(device):
 
 
 def use_compiled(*tensors, op=None):
-    """Whether to run the compiled op for these inputs (else: the reference, logged)."""
+    """Whether to run the compiled op for these inputs (else: the reference, logged). Never
+    while tracing: an ONNX export (d2seg.deploy) records the pure-PyTorch reference, made of
+    standard ONNX ops."""
+    if torch.jit.is_tracing():
+        return False
     if load_extension() is None:
         _warn_fallback()
         if op is not None:

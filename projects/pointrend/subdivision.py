@@ -35,10 +35,14 @@ def semantic_uncertainty(logits: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"semantic_uncertainty needs >= 2 classes, got logits {tuple(logits.shape)}")
     best = torch.maximum(logits[:, 0], logits[:, 1])
     second = torch.minimum(logits[:, 0], logits[:, 1])
+    tracing = torch.jit.is_tracing()  # ONNX export (d2seg.deploy): the tracer has no out= variants
     for c in range(2, logits.shape[1]):
         v = logits[:, c]
-        torch.maximum(second, torch.minimum(best, v), out=second)
-        torch.maximum(best, v, out=best)
+        if tracing:
+            second, best = torch.maximum(second, torch.minimum(best, v)), torch.maximum(best, v)
+        else:
+            torch.maximum(second, torch.minimum(best, v), out=second)
+            torch.maximum(best, v, out=best)
     return (second - best).unsqueeze(1)
 
 

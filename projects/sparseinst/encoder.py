@@ -7,7 +7,6 @@ h x w the 1/32 map (C5), s a PPM pool size.
 Parameter names follow hustvl/SparseInst (``fpn_laterals``, ``fpn_outputs``,
 ``ppm.stages.<i>.1``, ``ppm.bottleneck``, ``fusion``) so its checkpoints load unchanged.
 """
-import math
 from typing import Dict, List, Sequence
 
 import torch
@@ -22,31 +21,34 @@ SPARSE_INST_ENCODER_REGISTRY = Registry("SPARSE_INST_ENCODER")
 SPARSE_INST_ENCODER_REGISTRY.__doc__ = "SparseInst encoders: backbone features -> one 1/8 map."
 
 
-def _pool_matrix(in_size: int, out_size: int, dtype, device) -> torch.Tensor:
+def _pool_matrix(in_size, out_size: int, dtype, device) -> torch.Tensor:
     """(out_size, in_size) averaging matrix with PyTorch's adaptive-pool bins.
 
     Bin i covers [floor(i * in / out), ceil((i + 1) * in / out)), exactly as
     ``F.adaptive_avg_pool2d``; the bins may overlap when ``out`` does not divide ``in``.
+    ``in_size`` is an int or a 0-dim integer tensor (the map size while tracing an ONNX
+    export, so that the bins follow the input size in the exported graph).
     """
-    m = torch.zeros(out_size, in_size, dtype=dtype, device=device)
-    for i in range(out_size):
-        start = (i * in_size) // out_size
-        end = math.ceil((i + 1) * in_size / out_size)
-        m[i, start:end] = 1.0 / (end - start)
-    return m
+    j = torch.arange(in_size, device=device)  # (in,)
+    i = torch.arange(out_size, device=device)  # (out,)
+    start = (i * in_size) // out_size
+    end = ((i + 1) * in_size + out_size - 1) // out_size  # ceil
+    inside = (j[None, :] >= start[:, None]) & (j[None, :] < end[:, None])
+    return inside.to(dtype) / (end - start).to(dtype)[:, None]
 
 
 def adaptive_avg_pool2d_exportable(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``F.adaptive_avg_pool2d(x, size)`` for any fixed input size, as two matmuls.
+    """``F.adaptive_avg_pool2d(x, size)`` for any input size, as two matmuls.
 
     ONNX has no adaptive pooling with non-dividing sizes; hustvl/SparseInst's exporter
     substitutes a fixed AvgPool2d whose windows differ from the adaptive bins when the
     size does not divide (a cause of its ONNX/PyTorch mismatches). Averaging matrices
-    reproduce the bins exactly. x: (B, C, h, w) -> (B, C, size, size).
+    reproduce the bins exactly, and are computed from the map size inside an exported graph
+    (dynamic input sizes). x: (B, C, h, w) -> (B, C, size, size).
     """
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    ph = _pool_matrix(h, size, x.dtype, x.device)  # (s, h)
-    pw = _pool_matrix(w, size, x.dtype, x.device)  # (s, w)
+    hw = torch._shape_as_tensor(x)[-2:] if torch.jit.is_tracing() else x.shape[-2:]
+    ph = _pool_matrix(hw[0], size, x.dtype, x.device)  # (s, h)
+    pw = _pool_matrix(hw[1], size, x.dtype, x.device)  # (s, w)
     return torch.matmul(torch.matmul(ph, x), pw.t())
 
 

@@ -1,0 +1,26 @@
+"""Traceable box of binary masks for the export graphs: the boxes of
+:func:`d2seg.layers.mask_boxes.masks_to_boxes` (tight XYXY, exclusive max, zeros for an empty
+mask) without its Python branch on the number of masks and its size-derived constant, so that
+the graph holds for any number of detections and any output size."""
+import torch
+from torch import Tensor
+
+__all__ = ["mask_boxes"]
+
+_FAR = 1e9  # beyond any image side: the min/max of a row or column with no pixel
+
+
+def mask_boxes(masks: Tensor) -> Tensor:
+    """(R, H, W) bool -> (R, 4) float32 boxes."""
+    flags = masks.to(torch.uint8)
+    col_any = flags.amax(dim=1)  # (R, W) 0/1
+    cols = col_any > 0
+    rows = flags.amax(dim=2) > 0  # (R, H)
+    xs = torch.arange(masks.shape[2], dtype=torch.float32, device=masks.device)
+    ys = torch.arange(masks.shape[1], dtype=torch.float32, device=masks.device)
+    x1 = torch.where(cols, xs, torch.full_like(xs, _FAR)).amin(dim=1)
+    x2 = torch.where(cols, xs, torch.full_like(xs, -1.0)).amax(dim=1) + 1
+    y1 = torch.where(rows, ys, torch.full_like(ys, _FAR)).amin(dim=1)
+    y2 = torch.where(rows, ys, torch.full_like(ys, -1.0)).amax(dim=1) + 1
+    boxes = torch.stack([x1, y1, x2, y2], dim=1)
+    return boxes * col_any.amax(dim=1, keepdim=True).to(torch.float32)

@@ -1,0 +1,149 @@
+"""ONNX export with the post-processing in the graph (d2seg.deploy): for every exported method,
+ONNX Runtime's final results equal PyTorch's ``model.inference`` on images of two sizes, one
+of them returned at twice its size (the rescaling to the original image is in the graph too).
+
+One model per method (the shapes config, seeded initialisation moved off it by noise so that
+outputs are far from ties, thresholds lowered so that there are detections), exported once
+(dynamic height/width) or once per size (fixed-size methods), shared by the tests of that
+method. Criteria (docs/deploy.md): the same number of detections and classes, scores within
+1e-4, boxes within 1e-2 px, mask IoU >= 0.999 per detection; semantic argmax on >= 99.9 %
+of the pixels.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.engine import DefaultPredictor
+from detectron2.modeling import build_model
+
+import d2seg  # noqa: F401
+from d2seg.deploy import ONNXModel, ONNXPredictor, export_onnx, graph_for
+from d2seg.engine import setup_cfg
+
+from conftest import CONFIGS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (input height, width), (output height, width)
+SIZES = [((64, 96), (128, 192)), ((96, 64), (96, 64))]
+
+
+def _confident_sparseinst(model):
+    # mask logits 20x larger: probabilities far from MASK_THRESHOLD except on mask borders,
+    # as after training (random weights leave every pixel near 0.5)
+    model.decoder.inst_branch.mask_kernel.weight.mul_(20.0)
+
+
+# method -> (config, overrides, optional in-place change of the perturbed weights)
+METHODS = {
+    "sparseinst": ("SparseInst/sparse_inst_r18_giam_shapes.yaml", ["MODEL.SPARSE_INST.CLS_THRESHOLD", "0.05",
+                                                                "MODEL.SPARSE_INST.MAX_DETECTIONS", "20"],
+                   _confident_sparseinst),
+    "fcos": ("FCOS/fcos_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.02"], None),
+    "semantic_fpn": ("quick/semantic_fpn_shapes.yaml", [], None),
+    "pointrend_semantic": ("PointRend/pointrend_semantic_R18_shapes.yaml", [], None),
+}
+
+
+def shapes_like_image(h, w, seed):
+    """A noise image with a bright and a dark rectangle, (3, h, w) float 0-255."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(3, h, w, generator=g) * 60 + 80
+    x[:, h // 4: h // 2, w // 5: w // 2] = 240
+    x[:, h // 2:, w // 2: w - 4] = 20
+    return x
+
+
+class Exported:
+    """A method's model, its config and its ONNX file(s): ``onnx_for(h, w)``."""
+
+    def __init__(self, method, tmp_dir):
+        config, opts, adjust = METHODS[method]
+        self.cfg = setup_cfg(os.path.join(CONFIGS, config), ["MODEL.DEVICE", "cpu"] + opts,
+                             follow_dataset_classes=False)
+        torch.manual_seed(0)
+        self.model = build_model(self.cfg).eval()
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+            if adjust:
+                adjust(self.model)
+        self.dynamic = graph_for(self.model).dynamic_size
+        self.tmp_dir = tmp_dir
+        self.files = {}
+
+    def onnx_for(self, h, w):
+        key = None if self.dynamic else (h, w)
+        if key not in self.files:
+            path = os.path.join(self.tmp_dir, f"model_{h}x{w}.onnx")
+            if self.dynamic:  # traced at another size than the two tested
+                export_onnx(self.model, path, self.cfg)
+            else:
+                export_onnx(self.model, path, self.cfg, height=h, width=w)
+            self.files[key] = ONNXModel(path, self.cfg)
+        return self.files[key]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    cache = {}
+
+    def get(method):
+        if method not in cache:
+            cache[method] = Exported(method, str(tmp_path_factory.mktemp(method)))
+        return cache[method]
+    return get
+
+
+def mask_iou(a, b):
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+
+
+def assert_same_results(ref, out):
+    """PyTorch's and ONNX Runtime's results of one image agree (module doc's criteria)."""
+    if "sem_seg" in ref:
+        a, b = ref["sem_seg"], out["sem_seg"]
+        assert a.shape == b.shape and b.dtype == torch.float32
+        assert (a.argmax(0) == b.argmax(0)).float().mean() >= 0.999
+        torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)
+        assert len(a.argmax(0).unique()) > 1  # not a constant map
+        return
+    a, b = ref["instances"], out["instances"]
+    assert a.image_size == b.image_size
+    assert len(a) == len(b) > 0
+    a, b = a[a.scores.argsort(descending=True)], b[b.scores.argsort(descending=True)]
+    assert torch.equal(a.pred_classes, b.pred_classes)
+    torch.testing.assert_close(b.scores, a.scores, atol=1e-4, rtol=0)
+    torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, atol=1e-2, rtol=0)
+    if a.has("pred_masks"):
+        assert b.pred_masks.dtype == torch.bool and b.pred_masks.shape == a.pred_masks.shape
+        assert mask_iou(a.pred_masks, b.pred_masks).min() >= 0.999
+        assert a.pred_masks.flatten(1).any(1).sum() > 0  # some non-empty masks
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0][0]}x{s[0][1]}to{s[1][0]}x{s[1][1]}")
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_onnxruntime_equals_pytorch(exported, method, size):
+    e = exported(method)
+    (h, w), (oh, ow) = size
+    inputs = [{"image": shapes_like_image(h, w, seed=h), "height": oh, "width": ow}]
+    with torch.no_grad():
+        ref = e.model(inputs)[0]
+    assert_same_results(ref, e.onnx_for(h, w)(inputs)[0])
+
+
+def test_predictor_equals_default_predictor(exported, tmp_path):
+    """ONNXPredictor resizes as DefaultPredictor (the config's ResizeShortestEdge) and returns
+    the results at the original size."""
+    e = exported("fcos")
+    e.onnx_for(0, 0)
+    predictor = ONNXPredictor(e.files[None].path)  # the config stored in the file
+    reference = DefaultPredictor(e.cfg)
+    reference.model = e.model
+    image = (shapes_like_image(50, 70, seed=3).permute(1, 2, 0).numpy()).astype(np.uint8)  # H, W, BGR
+    out = predictor(image)
+    assert out["instances"].image_size == (50, 70)
+    assert_same_results(reference(image), out)
