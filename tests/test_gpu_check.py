@@ -1,26 +1,26 @@
 """tools/gpu_check.py (`make test-gpu`) without a GPU: it refuses with exit status 2 and the
 reason; D2SEG_REQUIRE_CUDA=1 turns the GPU tests' skip into a failure; its CPU smoke mode
 (--allow-cpu-smoke, for this suite only) runs the whole pipeline on a tiny budget and writes
-the report; and its parts (JUnit and metrics parsing, the search for CUDA-only tests, the
-verdict) on hand-made inputs."""
-import importlib.util
+the report; and its parts in tools/gpu_check_lib/ (JUnit and metrics parsing, the search for
+CUDA-only tests, the verdict, the time budget) on hand-made inputs."""
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import REPO, TINY_SHAPES, TOOLS
+from conftest import REPO, TINY_SHAPES, TOOLS, load_script
 
 GPU_CHECK = os.path.join(TOOLS, "gpu_check.py")
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("gpu_check_tool", GPU_CHECK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def lib():
+    """tools/gpu_check_lib, as tools/gpu_check.py imports it."""
+    load_script("tools/gpu_check.py")  # imports the package from tools/, as the script does
+    return sys.modules["gpu_check_lib"]
 
 
 def _no_gpu_env(**extra):
@@ -81,8 +81,7 @@ def test_cpu_smoke_runs_every_stage_and_writes_the_report(tmp_path):
     assert "`configs/CondInst/condinst_R18_shapes.yaml` | pass | 0 | 2 |" in md
 
 
-def test_parse_junit_counts_failures_skips_and_errors(tmp_path):
-    tool = _load_tool()
+def test_parse_junit_counts_failures_skips_and_errors(tmp_path, lib):
     xml = tmp_path / "r.xml"
     xml.write_text(
         '<testsuites><testsuite name="pytest">'
@@ -93,7 +92,7 @@ def test_parse_junit_counts_failures_skips_and_errors(tmp_path):
         '<testcase classname="tests.test_a" name="test_gpu2" time="0"><skipped message="no GPU"/></testcase>'
         '<testcase classname="" name="tests.test_b" time="0"><error message="collection failure"/></testcase>'
         "</testsuite></testsuites>")
-    r = tool.parse_junit(str(xml))
+    r = lib.op_tests.parse_junit(str(xml))
     assert r["counts"] == {"tests": 5, "passed": 1, "failed": 1, "errors": 1, "skipped": 2}
     assert r["failures"][0] == {"test": "tests.test_a::test_bad", "kind": "failure",
                                 "message": "AssertionError: op output vs the CPU kernel: not close"}
@@ -101,8 +100,8 @@ def test_parse_junit_counts_failures_skips_and_errors(tmp_path):
     assert r["slowest"][0] == {"test": "tests.test_a::test_bad", "s": 2.0}
 
 
-def test_read_metrics_takes_the_last_losses_and_evaluation(tmp_path):
-    tool = _load_tool()
+def test_read_metrics_takes_the_last_losses_and_evaluation(tmp_path, lib):
+    read_metrics, finite = lib.training.read_metrics, lib.training.finite
     path = tmp_path / "metrics.json"
     lines = [
         {"iteration": 19, "total_loss": 3.0, "loss_cls": 2.0, "time": 0.2, "lr": 0.01},
@@ -110,23 +109,23 @@ def test_read_metrics_takes_the_last_losses_and_evaluation(tmp_path):
         {"iteration": 50, "bbox/AP": 12.5, "segm/AP": float("nan")},
     ]
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    m = tool.read_metrics(str(path))
+    m = read_metrics(str(path))
     assert m["iterations"] == 50 and m["box_AP"] == 12.5 and "mIoU" not in m
     assert set(m["final_losses"]) == {"total_loss", "loss_cls"}
-    assert not all(tool._finite(v) for v in m["final_losses"].values())
+    assert not all(finite(v) for v in m["final_losses"].values())
     assert m["ms_per_iter"] == pytest.approx(200.0)  # the upper median of 0.1 and 0.2 s
-    assert tool.read_metrics(str(tmp_path / "missing.json")) == {}
+    assert read_metrics(str(tmp_path / "missing.json")) == {}
 
 
-def test_finds_the_suites_cuda_only_tests():
-    ids = _load_tool().cuda_only_tests()
+def test_finds_the_suites_cuda_only_tests(lib):
+    ids = lib.op_tests.cuda_only_tests()
     assert "tests/test_ops_dynamic_conv.py::test_cuda_matches_cpu" in ids
     assert "tests/test_ops_point_sample.py::test_cuda_matches_cpu" in ids
     assert not any(i.startswith("tests/test_gpu_ops.py") for i in ids)
 
 
-def test_verdict_fails_on_a_failed_section_and_warns_on_the_rest():
-    judge = _load_tool().judge
+def test_verdict_fails_on_a_failed_section_and_warns_on_the_rest(lib):
+    judge = lib.report.judge
     ok = {"status": "pass"}
     assert judge({"tests": ok, "train": ok}) == ("pass", [], [])
     verdict, failed, warnings = judge({
@@ -135,3 +134,22 @@ def test_verdict_fails_on_a_failed_section_and_warns_on_the_rest():
     })
     assert verdict == "fail" and failed == ["train"]
     assert any("skipped" in w for w in warnings) and any("0.80x" in w for w in warnings)
+
+
+def test_budget_cuts_each_stage_limit_to_what_is_left(lib):
+    budget = lib.process.Budget(100.0, start=time.time() - 70.0)  # 30 s left
+    assert 29.0 < budget.left() <= 30.0
+    assert budget.limit(300) == pytest.approx(budget.left(), abs=0.5)  # cut to what is left
+    assert budget.limit(20) == 20  # a shorter limit stays
+    spent = lib.process.Budget(10.0, start=time.time() - 60.0)
+    assert spent.left() < 0 and spent.limit(300) == 10.0  # the floor: a stage still gets to fail cleanly
+
+
+def test_a_job_past_its_limit_is_killed_with_its_children(tmp_path, lib):
+    # a shell that starts a child sleeping for a minute: the kill must take the whole session
+    job = lib.process.Job("sleep", ["bash", "-c", "sleep 60 & echo started; wait"], str(tmp_path / "j.log"),
+                          timeout=1.0).wait()
+    assert job.timed_out and job.rc != 0 and job.wall_s < 20
+    r = job.result()
+    assert r["timed_out"] and r["log"].endswith("j.log")
+    assert "started" in lib.process.tail(job.log_path)
