@@ -34,6 +34,14 @@ def add_shared_config(cfg):
     # "" picks float16 on CUDA (Detectron2's AMPTrainer) and bfloat16 on CPU (the only
     # reduced dtype CPU autocast trains in without a gradient scaler). See docs/mixed_precision.md.
     cfg.SOLVER.AMP.PRECISION = ""
+    # Validation while training (d2seg.engine.hooks), every TEST.EVAL_PERIOD iterations:
+    # the training losses on DATASETS.TEST ("validation_loss", "validation/<loss>"), besides
+    # the evaluator's AP; SOLVER.BEST_CHECKPOINT = (metric, "max" or "min"), e.g.
+    # ("segm/AP", "max") or ("validation_loss", "min"), keeps model_best.pth; a patience > 0
+    # stops after that many evaluations without improvement of that metric.
+    cfg.TEST.VALIDATION_LOSS = True
+    cfg.SOLVER.BEST_CHECKPOINT = ()
+    cfg.SOLVER.EARLY_STOP_PATIENCE = 0
     # Inference-only speed-ups that change results by float rounding only (d2seg.layers.
     # inference_speed): FrozenBN folded into the backbone's convolutions, channels-last
     # activations. Read by OneStageDetector (FCOS, MEInst, CondInst, BlendMask, PointINS),

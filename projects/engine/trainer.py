@@ -80,7 +80,10 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     if evaluator_type in ("coco", "coco_panoptic_seg"):
         from ..data import CheckedCOCOEvaluator  # the annotations the loader kept
 
-        evaluators.append(CheckedCOCOEvaluator(dataset_name, output_dir=output_folder))
+        # the tasks the model predicts, not those found in its predictions: an evaluation
+        # without any detection still logs segm/AP (NaN), so every evaluation has the same keys
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        evaluators.append(CheckedCOCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder))
     if evaluator_type == "lvis":
         evaluators.append(LVISEvaluator(dataset_name, output_dir=output_folder))
     if evaluator_type == "cityscapes_instance":
@@ -219,6 +222,23 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        """Detectron2's hooks, with validation losses, the best checkpoint and early
+        stopping after its evaluation (:mod:`d2seg.engine.hooks`)."""
+        from .hooks import build_validation_hooks
+
+        return build_validation_hooks(self, super().build_hooks())
+
+    def train(self):
+        """DefaultTrainer.train; an early stop (``SOLVER.EARLY_STOP_PATIENCE``) ends it
+        cleanly, returning the last evaluation's results."""
+        from .hooks import EarlyStop
+
+        try:
+            return super().train()
+        except EarlyStop:
+            return getattr(self, "_last_eval_results", None)
 
     @classmethod
     def build_model(cls, cfg):
