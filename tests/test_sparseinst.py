@@ -258,6 +258,74 @@ def test_location_prior_off_by_default_and_localises_aggregation_when_on():
     assert model.decoder.inst_branch.location_prior == 0.15
 
 
+def test_location_prior_is_relative_to_each_image_in_a_padded_batch():
+    """An image alone and the same image padded in a batch with a larger one get the same
+    location prior on its own cells (the prior measures positions over the image, not over
+    the padded batch)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(num_masks=4)
+    cfg.MODEL.SPARSE_INST.DECODER.IAM_LOCATION_PRIOR = 0.15
+    model = build_model(cfg).eval()
+    iam_conv = model.decoder.inst_branch.iam_conv
+    with torch.no_grad():  # IAM logits = the prior alone
+        iam_conv.weight.zero_()
+        iam_conv.bias.zero_()
+    seen = []
+    hook = model.decoder.inst_branch.register_forward_hook(lambda m, i, out: seen.append(out[3]))
+    small = {"image": torch.randint(0, 255, (3, 64, 96)).float()}  # a multiple of 32: unpadded alone
+    large = {"image": torch.randint(0, 255, (3, 128, 128)).float()}
+    with torch.no_grad():
+        model([small])
+        model([small, large])
+    hook.remove()
+    alone, batch = seen
+    assert alone.shape[-2:] == (8, 12) and batch.shape[-2:] == (16, 16)
+    assert torch.allclose(batch[0, :, :8, :12], alone[0], atol=1e-5)
+    # instance 3 (bottom-right cell) peaks in the bottom-right quarter of each image
+    r, c = divmod(int(batch[0, 3].argmax()), 16)
+    assert 4 <= r < 8 and 6 <= c < 12
+    r, c = divmod(int(batch[1, 3].argmax()), 16)
+    assert 8 <= r < 16 and 8 <= c < 16
+
+
+def test_location_matching_is_relative_to_each_image_in_a_padded_batch():
+    """The matcher's location term gives an object the same prediction whether its image is
+    alone or padded in a batch: the mask centroid is measured over the image."""
+    from d2seg.sparseinst.matcher import image_extents, mask_centroids
+
+    # a 32 x 48 px image (4 x 6 mask map) with one object in its bottom-left quarter: cell 2 of
+    # the 2 x 2 grid; in a batch padded to 64 x 64 px (8 x 8) it covers (0.5, 0.75) of the map
+    extents = image_extents([(32, 48), (64, 64)], (64, 64))
+    assert extents == [(0.5, 0.75), (1.0, 1.0)]
+    gt = torch.zeros(1, 4, 6)
+    gt[0, 2:, :3] = 1.0
+    padded_gt = F.pad(gt, (0, 2, 0, 4))
+    assert torch.allclose(mask_centroids(padded_gt.flatten(1), (8, 8), extents[0]),
+                          mask_centroids(gt.flatten(1), (4, 6)))
+    # distinct predictions: constant mask logits (-30, about 0, in the padding)
+    levels = torch.tensor([-2.0, -1.0, 1.0, 2.0])
+    alone_masks = levels.view(1, 4, 1, 1).expand(1, 4, 4, 6).clone()
+    batch_masks = torch.full((2, 4, 8, 8), -30.0)
+    batch_masks[0, :, :4, :6] = alone_masks[0]
+    classes = [torch.tensor([1])]
+    criterion = SparseInstCriterion(2, SparseInstMatcher(0.8, 0.2, location_sigma=0.1))
+    matcher = criterion.matcher
+    rows, _ = matcher(torch.zeros(4, 2), alone_masks[0].flatten(1), classes[0], gt.flatten(1), mask_hw=(4, 6))
+    assert rows.tolist() == [2]
+    rows, _ = matcher(torch.zeros(4, 2), batch_masks[0].flatten(1), classes[0], padded_gt.flatten(1), mask_hw=(8, 8),
+                      extent=extents[0])
+    assert rows.tolist() == [2]
+    # through the criterion: the dice loss of the matched pair is the same alone and in the batch
+    alone = criterion({"pred_logits": torch.zeros(1, 4, 2), "pred_masks": alone_masks,
+                       "pred_scores": torch.zeros(1, 4, 1)}, classes, [gt])
+    batch = criterion({"pred_logits": torch.zeros(2, 4, 2), "pred_masks": batch_masks,
+                       "pred_scores": torch.zeros(2, 4, 1)}, classes + [torch.zeros(0, dtype=torch.int64)],
+                      [padded_gt, torch.zeros(0, 8, 8)], extents)
+    expected = 2.0 * (1.0 - float(dice_coefficient(levels[2:3].sigmoid().expand(1, 24), gt.flatten(1))))
+    assert math.isclose(float(alone["loss_dice"]), expected, rel_tol=1e-5)
+    assert math.isclose(float(batch["loss_dice"]), expected, rel_tol=1e-5)
+
+
 @pytest.mark.parametrize("h,w", [(5, 7), (6, 6), (4, 9)])
 def test_exportable_adaptive_pool_matches_torch(h, w):
     x = torch.randn(2, 3, h, w)

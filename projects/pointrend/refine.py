@@ -194,6 +194,7 @@ def _register_sparseinst_variant():
     """``D2SegPointRendSparseInst``: SparseInst with PointRend's refinement head."""
     try:
         from d2seg.sparseinst import SparseInst
+        from d2seg.sparseinst.matcher import image_extents
         from d2seg.sparseinst.sparseinst import rescored_probabilities
     except ImportError:  # pragma: no cover - SparseInst not in this checkout
         return None
@@ -211,7 +212,8 @@ def _register_sparseinst_variant():
         def forward(self, batched_inputs):
             images = self.preprocess_image(batched_inputs)
             feats = self.backbone(images.tensor)
-            outputs = self.decoder(self.encoder(feats))
+            extents = image_extents(images.image_sizes, images.tensor.shape[-2:])
+            outputs = self.decoder(self.encoder(feats), extents)
             fine = {f: feats[f] for f in self.refiner.in_features}
             if not self.training:
                 probs = rescored_probabilities(outputs["pred_logits"], outputs["pred_scores"])
@@ -223,7 +225,7 @@ def _register_sparseinst_variant():
             instances = [x["instances"] for x in batched_inputs]
             gt_classes, gt_masks = self.prepare_targets(instances, images.tensor.shape[-2:],
                                                         outputs["pred_masks"].shape[-2:])
-            losses = self.criterion(outputs, gt_classes, gt_masks)
+            losses = self.criterion(outputs, gt_classes, gt_masks, extents)
             # the same matching as the criterion's, to train the refiner on matched pairs
             flat = outputs["pred_masks"].flatten(2)
             Hp, Wp = images.tensor.shape[-2:]
@@ -231,7 +233,7 @@ def _register_sparseinst_variant():
             for i, inst in enumerate(instances):
                 rows, cols = self.criterion.matcher(outputs["pred_logits"][i], flat[i], gt_classes[i].to(flat.device),
                                                     gt_masks[i].to(flat).flatten(1),
-                                                    mask_hw=outputs["pred_masks"].shape[-2:])
+                                                    mask_hw=outputs["pred_masks"].shape[-2:], extent=extents[i])
                 if len(rows) == 0:
                     continue
                 gm = inst.gt_masks

@@ -10,7 +10,7 @@ Parameter names follow hustvl/SparseInst (``inst_branch.inst_convs.<2i>``,
 ``mask_branch.projection``) so its checkpoints load unchanged.
 """
 import math
-from typing import Dict
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from detectron2.layers import Conv2d, get_norm
 from detectron2.utils.registry import Registry
 from fvcore.nn import weight_init
 
-from .matcher import grid_cell_centres
+from .matcher import grid_cell_centres, normalised_centres
 
 SPARSE_INST_DECODER_REGISTRY = Registry("SPARSE_INST_DECODER")
 SPARSE_INST_DECODER_REGISTRY.__doc__ = "SparseInst decoders: 1/8 map -> logits, masks, objectness."
@@ -51,12 +51,15 @@ def coordinate_features(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x_map, y_map], dim=1)
 
 
-def iam_location_prior(num_masks: int, h: int, w: int, sigma: float, device=None, dtype=None) -> torch.Tensor:
+def iam_location_prior(num_masks: int, h: int, w: int, sigma: float, device=None, dtype=None,
+                       extent: Tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """Log-Gaussian location prior for the activation maps (d2seg's departure, off by default).
 
     Instance ``i`` of ``num_masks`` is given a cell of a ceil(sqrt(N)) x ceil(sqrt(N)) grid over
-    the map (row-major) and the prior ``-d^2 / (2 sigma^2)``, ``d`` the distance from the
-    cell's centre in coordinates normalised to [0, 1] (pixel centres). Added to the IAM logits
+    the image (row-major) and the prior ``-d^2 / (2 sigma^2)``, ``d`` the distance from the
+    cell's centre in coordinates normalised to [0, 1] over the image (pixel centres). The
+    image covers ``extent`` = (height, width) fractions of the H x W map (1, 1 unpadded; less
+    in a batch padded to a larger image: ``matcher.image_extents``). Added to the IAM logits
     before the sigmoid, it makes instance ``i`` aggregate features near its cell first, so
     that from-scratch features, which do not yet tell objects apart, still give every
     instance different features (docs/sparseinst.md). Returns (N, H, W).
@@ -64,8 +67,8 @@ def iam_location_prior(num_masks: int, h: int, w: int, sigma: float, device=None
     # the cells MATCHER.LOCATION_SIGMA measures from
     cells = grid_cell_centres(num_masks, device).to(dtype or torch.float32)
     cx, cy = cells[:, 0], cells[:, 1]
-    ys = (torch.arange(h, device=device, dtype=dtype or torch.float32) + 0.5) / h
-    xs = (torch.arange(w, device=device, dtype=dtype or torch.float32) + 0.5) / w
+    ys = normalised_centres(h, float(extent[0]), device, dtype or torch.float32)
+    xs = normalised_centres(w, float(extent[1]), device, dtype or torch.float32)
     d2 = (ys.view(1, h, 1) - cy.view(-1, 1, 1)) ** 2 + (xs.view(1, 1, w) - cx.view(-1, 1, 1)) ** 2
     return -d2 / (2.0 * sigma * sigma)
 
@@ -143,17 +146,27 @@ class InstanceBranch(nn.Module):
     def instance_features(self, iam_prob, features):
         return aggregate_instance_features(iam_prob, features)
 
-    def add_location_prior(self, iam: torch.Tensor) -> torch.Tensor:
-        """IAM logits (B, G*N, H, W) + the location prior of each instance (same in every group)."""
+    def add_location_prior(self, iam: torch.Tensor,
+                           image_extents: Optional[List[Tuple[float, float]]] = None) -> torch.Tensor:
+        """IAM logits (B, G*N, H, W) + the location prior of each instance (same in every group),
+        relative to each image's extent on the map (``matcher.image_extents``; None: every
+        image covers the whole map)."""
         if self.location_prior <= 0:
             return iam
         h, w = iam.shape[-2:]
-        prior = iam_location_prior(self.num_masks, h, w, self.location_prior, iam.device, iam.dtype)
-        return iam + prior.repeat(self.groups, 1, 1).unsqueeze(0)
+        if image_extents is None:
+            prior = iam_location_prior(self.num_masks, h, w, self.location_prior, iam.device, iam.dtype)
+            return iam + prior.repeat(self.groups, 1, 1).unsqueeze(0)
+        if len(image_extents) != iam.shape[0]:
+            raise ValueError(f"{len(image_extents)} image extents for a batch of {iam.shape[0]}")
+        prior = torch.stack([iam_location_prior(self.num_masks, h, w, self.location_prior, iam.device, iam.dtype, e)
+                             for e in image_extents])
+        return iam + prior.repeat(1, self.groups, 1, 1)
 
-    def forward(self, x):
+    def forward(self, x, image_extents: Optional[List[Tuple[float, float]]] = None):
+        """x: (B, C+2, H, W); image_extents: see :meth:`add_location_prior`."""
         features = self.inst_convs(x)
-        iam = self.add_location_prior(self.iam_conv(features))
+        iam = self.add_location_prior(self.iam_conv(features), image_extents)
         z = self.instance_features(iam.sigmoid(), features)
         return self.cls_score(z), self.mask_kernel(z), self.objectness(z), iam
 
@@ -246,9 +259,13 @@ class BaseIAMDecoder(nn.Module):
                    scale_factor=d.SCALE_FACTOR, groups=d.GROUPS, norm=d.NORM, output_iam=d.OUTPUT_IAM,
                    kernel_product=d.KERNEL_PRODUCT, location_prior=d.IAM_LOCATION_PRIOR)
 
-    def forward(self, features: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, features: torch.Tensor,
+                image_extents: Optional[List[Tuple[float, float]]] = None) -> Dict[str, torch.Tensor]:
+        """features: (B, C, H, W); image_extents: the (height, width) fractions of the padded
+        batch each image covers (``matcher.image_extents``), for the location prior; None:
+        every image fills the batch."""
         x = torch.cat([coordinate_features(features), features], dim=1)
-        logits, kernels, objectness, iam = self.inst_branch(x)
+        logits, kernels, objectness, iam = self.inst_branch(x, image_extents)
         mask_features = self.mask_branch(x)
         masks = kernel_mask_product(kernels, mask_features, self.use_kernel_op)
         if self.scale_factor != 1.0:

@@ -4,7 +4,7 @@ masks, BCE objectness against the predicted-vs-ground-truth mask IoU.
 Shapes: B batch, N predictions per image, C classes, M matched pairs in the batch,
 P pixels of the mask output (Hm * Wm), K_b ground truths of image b.
 """
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -82,10 +82,13 @@ class SparseInstCriterion:
                    si.LOSS.OBJECTNESS_WEIGHT, si.LOSS.FOCAL_ALPHA, si.LOSS.FOCAL_GAMMA)
 
     def __call__(self, outputs: Dict[str, torch.Tensor], gt_classes: List[torch.Tensor],
-                 gt_masks: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+                 gt_masks: List[torch.Tensor],
+                 image_extents: Optional[List[Tuple[float, float]]] = None) -> Dict[str, torch.Tensor]:
         """outputs: the decoder's dict (``pred_logits`` (B, N, C), ``pred_masks`` (B, N, Hm, Wm),
         ``pred_scores`` (B, N, 1)); gt_classes[b]: (K_b,) int64 in [0, C); gt_masks[b]:
-        (K_b, Hm, Wm) targets in [0, 1] at the mask output's resolution.
+        (K_b, Hm, Wm) targets in [0, 1] at the mask output's resolution; image_extents[b]: the
+        (height, width) fractions of the padded maps image b covers (``matcher.image_extents``;
+        None: every image fills them), for the matcher's location term.
         """
         logits, masks, scores = outputs["pred_logits"], outputs["pred_masks"], outputs["pred_scores"]
         b, n, c = logits.shape
@@ -105,7 +108,8 @@ class SparseInstCriterion:
             if tgt_i.shape[0] and tgt_i.shape[1] != flat_masks.shape[-1]:
                 raise ValueError(f"image {i}: target masks have {tgt_i.shape[1]} pixels, predictions "
                                  f"{flat_masks.shape[-1]}; resize targets to the mask output size")
-            rows, cols = self.matcher(logits[i], flat_masks[i], cls_i, tgt_i, mask_hw=masks.shape[-2:])
+            extent = (1.0, 1.0) if image_extents is None else image_extents[i]
+            rows, cols = self.matcher(logits[i], flat_masks[i], cls_i, tgt_i, mask_hw=masks.shape[-2:], extent=extent)
             rows, cols = rows.to(logits.device), cols.to(logits.device)
             batch_idx.append(torch.full_like(rows, i))
             pred_idx.append(rows)

@@ -2,10 +2,14 @@
 (paper Sec. 3.5, Eq. 1-2).
 
 Shapes: N predictions, K ground-truth instances, P pixels of the mask output (Hm * Wm),
-C classes.
+C classes, B images.
+
+Positions (the location prior's grid cells, mask centroids) are measured relative to each
+image's own extent, not to the padded batch: in a batch of mixed sizes an image covers
+only the top-left part of the maps (:func:`image_extents`).
 """
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,14 +46,29 @@ def grid_cell_centres(num_predictions: int, device=None) -> torch.Tensor:
     return torch.stack([(idx % r).float() + 0.5, (idx // r).float() + 0.5], dim=1) / r
 
 
-def mask_centroids(masks: torch.Tensor, hw) -> torch.Tensor:
-    """(x, y) centroids in [0, 1] (pixel centres) of (K, H*W) soft masks; an empty mask gives
-    the map's centre. -> (K, 2)."""
+def image_extents(image_sizes, padded_size) -> List[Tuple[float, float]]:
+    """(height, width) fraction of the padded batch that each image covers: the image's own
+    extent on every map of the batch (a map's cell i along y lies at (i + 0.5) / H /
+    extent_h of the image's height). image_sizes: [(h, w)] per image; padded_size: (Hp, Wp)."""
+    hp, wp = int(padded_size[0]), int(padded_size[1])
+    return [(int(h) / hp, int(w) / wp) for h, w in image_sizes]
+
+
+def normalised_centres(n: int, extent: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Positions in [0, 1] of an image (pixel centres) of the n cells of a map along one axis,
+    the image covering the first ``extent`` fraction of the map (1: the whole map). -> (n,)."""
+    return (torch.arange(n, device=device, dtype=dtype) + 0.5) / n / extent
+
+
+def mask_centroids(masks: torch.Tensor, hw, extent=(1.0, 1.0)) -> torch.Tensor:
+    """(x, y) centroids in [0, 1] (pixel centres) of (K, H*W) soft masks, relative to the
+    image covering ``extent`` = (height, width) fractions of the map (:func:`image_extents`);
+    an empty mask gives the image's centre. -> (K, 2)."""
     h, w = int(hw[0]), int(hw[1])
     m = masks.float().view(-1, h, w)
     total = m.sum((1, 2)).clamp(min=1e-6)
-    ys = (torch.arange(h, device=m.device, dtype=m.dtype) + 0.5) / h
-    xs = (torch.arange(w, device=m.device, dtype=m.dtype) + 0.5) / w
+    ys = normalised_centres(h, float(extent[0]), m.device, m.dtype)
+    xs = normalised_centres(w, float(extent[1]), m.device, m.dtype)
     cx = (m.sum(1) * xs).sum(1) / total
     cy = (m.sum(2) * ys).sum(1) / total
     empty = m.sum((1, 2)) <= 0
@@ -84,14 +103,17 @@ class SparseInstMatcher:
         self.location_sigma = float(location_sigma)
 
     @torch.no_grad()
-    def __call__(self, pred_logits, pred_masks, gt_classes, gt_masks, mask_hw: Optional[Tuple[int, int]] = None):
+    def __call__(self, pred_logits, pred_masks, gt_classes, gt_masks, mask_hw: Optional[Tuple[int, int]] = None,
+                 extent: Tuple[float, float] = (1.0, 1.0)):
         """pred_logits: (N, C) class logits; pred_masks: (N, P) mask logits; gt_classes: (K,);
         gt_masks: (K, P) targets in [0, 1]; mask_hw: (Hm, Wm) with Hm * Wm = P, needed only
-        with ``location_sigma``. Returns (pred_idx, gt_idx) as in :func:`hungarian_match`.
+        with ``location_sigma``; extent: the (height, width) fractions of the map the image
+        covers (:func:`image_extents`; (1, 1) unpadded). Returns (pred_idx, gt_idx) as in
+        :func:`hungarian_match`.
 
         With ``location_sigma`` > 0 (d2seg's departure, off by default) the score is further
         multiplied by exp(-d^2 / (2 sigma^2)), d the distance between prediction i's grid
-        cell (``grid_cell_centres``) and object k's mask centroid.
+        cell (``grid_cell_centres``) and object k's mask centroid, both relative to the image.
         """
         if gt_classes.numel() == 0:
             return hungarian_match(pred_logits.new_zeros(pred_logits.shape[0], 0))
@@ -101,6 +123,6 @@ class SparseInstMatcher:
             if mask_hw is None:
                 raise ValueError("MATCHER.LOCATION_SIGMA needs the mask size (mask_hw)")
             cells = grid_cell_centres(pred_logits.shape[0], score.device)
-            d2 = torch.cdist(cells, mask_centroids(gt_masks, mask_hw).to(cells)).pow(2)
+            d2 = torch.cdist(cells, mask_centroids(gt_masks, mask_hw, extent).to(cells)).pow(2)
             score = score * torch.exp(-d2 / (2.0 * self.location_sigma ** 2))
         return hungarian_match(score)

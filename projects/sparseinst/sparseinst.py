@@ -19,6 +19,7 @@ from d2seg.layers.mask_boxes import masks_to_boxes  # noqa: F401  (also importab
 from .decoder import build_sparse_inst_decoder
 from .encoder import build_sparse_inst_encoder
 from .loss import SparseInstCriterion
+from .matcher import image_extents
 
 
 def rescored_probabilities(pred_logits: torch.Tensor, pred_scores: torch.Tensor) -> torch.Tensor:
@@ -81,21 +82,25 @@ class SparseInst(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.size_divisibility)
 
-    def predict(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Normalised, padded images (B, 3, Hp, Wp) -> the decoder's output dict."""
-        return self.decoder(self.encoder(self.backbone(images)))
+    def predict(self, images: torch.Tensor, extents=None) -> Dict[str, torch.Tensor]:
+        """Normalised, padded images (B, 3, Hp, Wp) -> the decoder's output dict. extents: the
+        (height, width) fractions of the padded batch each image covers
+        (:func:`~d2seg.sparseinst.matcher.image_extents`); None: every image fills it."""
+        return self.decoder(self.encoder(self.backbone(images)), extents)
 
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
         x = to_inference_layout(images.tensor, self.training) if self.fast_inference else images.tensor
-        outputs = self.predict(x)
+        # positions for the location prior and matching are relative to each image, not the batch
+        extents = image_extents(images.image_sizes, images.tensor.shape[-2:])
+        outputs = self.predict(x, extents)
         if self.training:
             if any("instances" not in x for x in batched_inputs):
                 raise ValueError("SparseInst training needs 'instances' in every dataset dict")
             gt_classes, gt_masks = self.prepare_targets(
                 [x["instances"] for x in batched_inputs], images.tensor.shape[-2:], outputs["pred_masks"].shape[-2:]
             )
-            return self.criterion(outputs, gt_classes, gt_masks)
+            return self.criterion(outputs, gt_classes, gt_masks, extents)
         return self.inference(outputs, batched_inputs, images)
 
     # ------------------------------------------------------------------ targets
