@@ -12,6 +12,7 @@
    report, offline.json and the logs must say every stage passed, with d2seg and Detectron2
    imported from the install folder.
 """
+import glob
 import json
 import os
 import re
@@ -38,6 +39,15 @@ def _run(cmd, step, **kw):
     TIMES[step] = round(time.time() - t)
     assert out.returncode == 0, f"{step} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     return out
+
+
+def _python312():
+    """A CPython 3.12 interpreter that runs (a pyenv shim of a version not selected does not), or None."""
+    for p in [shutil.which("python3.12")] + sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python3.12"))):
+        if p and subprocess.run([p, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"],
+                                capture_output=True).returncode == 0:
+            return p
+    return None
 
 
 def _build_bundle(out, python_version):
@@ -68,6 +78,22 @@ def test_the_gpu_machines_bundle_fits_and_holds_what_d2seg_needs(work):
     assert [w["file"] for w in manifest["wheels"] if w["name"] == "sal-detectron2"] == [
         "sal_detectron2-0.7.2+pyonly-py3-none-any.whl"]
     assert {"torch", "torchvision", "numpy", "opencv-python-headless", "scipy"} <= set(manifest["machine_requirements"])
+
+    # where a CPython 3.12 is at hand (it has no PyTorch here): pip takes every wheel offline
+    # (tags, Requires-Python), and what needs nothing of the machine imports, a compiled cp312
+    # module (pytokens) and pkg_resources of the bundled setuptools among it
+    py312 = _python312()
+    if py312 is None:
+        return
+    site = work / "site312"
+    _run([py312, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site),
+          *[str(work / "bundle312" / f) for f in files if f.endswith(".whl")]], "install 3.12",
+         env=dict(os.environ, PIP_CONFIG_FILE=os.devnull))
+    out = _run([py312, "-c", "import antlr4, termcolor, platformdirs, pkg_resources, pytokens, importlib.metadata as m; "
+                "print(m.version('sal-detectron2'), pytokens.__file__)"], "import 3.12",
+               env=dict(os.environ, PYTHONPATH=str(site)))
+    version, module = out.stdout.split()
+    assert version == "0.7.2+pyonly" and module.startswith(str(site))
 
 
 def test_offline_rehearsal_installs_builds_and_runs_the_cpu_smoke_check(work):

@@ -299,6 +299,8 @@ def build(args):
         "python": args.python_version,
         "platforms": list(args.platform),
         "built_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "built_at_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                          text=True).stdout.strip() or None,
         "requirements_file": os.path.relpath(os.path.abspath(args.requirements), REPO),
         "wheels": kept,
         "bytes": size,

@@ -53,7 +53,7 @@ if torch_ok == "1":
 try:
     with open(f"{bundle}/bundle.json") as f:
         manifest = json.load(f)
-    manifest = {k: manifest[k] for k in ("python", "built_utc", "bytes")} | {
+    manifest = {k: manifest.get(k) for k in ("python", "built_utc", "built_at_commit", "bytes")} | {
         "wheels": [w["file"] for w in manifest["wheels"]]}
 except (OSError, KeyError, ValueError) as e:
     manifest = {"error": str(e)}
