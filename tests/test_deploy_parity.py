@@ -35,6 +35,21 @@ def _confident_sparseinst(model):
     model.decoder.inst_branch.mask_kernel.weight.mul_(20.0)
 
 
+def _confident_solo(model):
+    # category scores ~0.2 at init (above SCORE_THR), and mask logits 20x larger
+    head = model.ins_head
+    head.cate_pred.bias.add_(3.0)
+    if isinstance(getattr(head, "mask_pred", None), torch.nn.ModuleList):  # SOLO
+        for conv in head.mask_pred:
+            conv.weight.mul_(20.0)
+    if hasattr(head, "mask_pred_x"):  # Decoupled SOLO: X and Y both mostly on, sharp borders
+        for conv in list(head.mask_pred_x) + list(head.mask_pred_y):
+            conv.weight.mul_(20.0)
+            conv.bias.add_(3.0)
+    if hasattr(head, "kernel_pred"):  # SOLOv2's dynamic kernels
+        head.kernel_pred.weight.mul_(20.0)
+
+
 # method -> (config, overrides, optional in-place change of the perturbed weights)
 METHODS = {
     "sparseinst": ("SparseInst/sparse_inst_r18_giam_shapes.yaml", ["MODEL.SPARSE_INST.CLS_THRESHOLD", "0.05",
@@ -42,6 +57,9 @@ METHODS = {
                    _confident_sparseinst),
     "fcos": ("FCOS/fcos_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.02"], None),
     "semantic_fpn": ("quick/semantic_fpn_shapes.yaml", [], None),
+    "solo": ("SOLO/solo_shapes.yaml", [], _confident_solo),
+    "decoupled_solo": ("SOLO/decoupled_solo_shapes.yaml", [], _confident_solo),
+    "solov2": ("SOLO/solov2_shapes.yaml", [], _confident_solo),
     "pointrend_semantic": ("PointRend/pointrend_semantic_R18_shapes.yaml", [], None),
 }
 

@@ -37,8 +37,9 @@ class SparseInstGraph(InstancesGraph):
         probs_m = out["pred_masks"][0, idx].sigmoid()  # (R, Hm, Wm)
         if m.mask_rescore:
             scores = scores * maskness(probs_m, m.mask_threshold)
-        full = F.interpolate(probs_m[None], size=x.shape[-2:], mode="bilinear", align_corners=False)
-        masks = crop_and_resize(full, image_size, output_size)[0] > m.mask_threshold
+        # (R, 1, ...): R = 0 is a valid batch for the resizes (not a valid channel count)
+        full = F.interpolate(probs_m[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)
+        masks = crop_and_resize(full, image_size, output_size)[:, 0] > m.mask_threshold
         return mask_boxes(masks), scores, classes, masks
 
 
