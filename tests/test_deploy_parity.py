@@ -35,6 +35,11 @@ def _confident_sparseinst(model):
     model.decoder.inst_branch.mask_kernel.weight.mul_(20.0)
 
 
+def _confident_condinst(model):
+    # dynamic mask head parameters 3x larger: sharper masks (logits ~27x)
+    model.mask_head.controller.weight.mul_(3.0)
+
+
 def _confident_solo(model):
     # category scores ~0.2 at init (above SCORE_THR), and mask logits 20x larger
     head = model.ins_head
@@ -56,6 +61,7 @@ METHODS = {
                                                                 "MODEL.SPARSE_INST.MAX_DETECTIONS", "20"],
                    _confident_sparseinst),
     "fcos": ("FCOS/fcos_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.02"], None),
+    "condinst": ("CondInst/condinst_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.005"], _confident_condinst),
     "semantic_fpn": ("quick/semantic_fpn_shapes.yaml", [], None),
     "solo": ("SOLO/solo_shapes.yaml", [], _confident_solo),
     "decoupled_solo": ("SOLO/decoupled_solo_shapes.yaml", [], _confident_solo),

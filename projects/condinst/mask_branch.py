@@ -35,7 +35,7 @@ def aligned_upsample(x: Tensor, factor: int) -> Tensor:
     if factor == 1:
         return x
     N, C, H, W = x.shape
-    if N * C * H * W == 0:
+    if N * C * H * W == 0 and not torch.jit.is_tracing():  # an ONNX graph keeps the general path
         return x.new_zeros((N, C, H * factor, W * factor))
     return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
 
@@ -52,7 +52,7 @@ def top_left_upsample(x: Tensor, factor: int) -> Tensor:
     if factor == 1:
         return x
     N, C, H, W = x.shape
-    if N * C * H * W == 0:
+    if N * C * H * W == 0 and not torch.jit.is_tracing():  # an ONNX graph keeps the general path
         return x.new_zeros((N, C, H * factor, W * factor))
     # Sampling positions i / factor on a grid one pixel larger (the repeated border): an
     # align_corners=True resize to factor*H + 1 rows hits exactly those positions.

@@ -11,7 +11,7 @@ clipped, and the empty ones dropped. Dynamic input height and width.
 
 Shape shorthand: K classes, Ml locations of level l, C candidates, R detections.
 """
-from typing import Tuple
+from typing import Dict
 
 import torch
 from torch import Tensor
@@ -22,7 +22,7 @@ from d2seg.fcos.one_stage import OneStageDetector
 
 from .graph import InstancesGraph, clip_boxes, register_graph, rescale_boxes, topk_at_most
 
-__all__ = ["FCOSGraph", "fcos_detections"]
+__all__ = ["FCOSGraph", "fcos_detections", "MASK_HEAD_GRAPHS"]
 
 
 def _locations(h: Tensor, w: Tensor, stride: int) -> Tensor:
@@ -33,19 +33,21 @@ def _locations(h: Tensor, w: Tensor, stride: int) -> Tensor:
     return torch.stack([xs[None, :].expand(h, w).reshape(-1), ys[:, None].expand(h, w).reshape(-1)], dim=1)
 
 
-def fcos_detections(fcos, features, image_size: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def fcos_detections(fcos, features, image_size: Tensor, top_module=None) -> Dict[str, Tensor]:
     """FCOS's detections of one image (before rescaling to the output size).
 
     Args:
         fcos: the :class:`d2seg.fcos.FCOS` module; features: the backbone's maps by name;
-        image_size: (2,) unpadded (h, w).
+        image_size: (2,) unpadded (h, w);
+        top_module: a mask head's module on the box tower (e.g. CondInst's controller): its
+            output at each detection is returned as ``top_feats``.
     Returns:
-        boxes (R, 4), scores (R,), classes (R,) int64, fpn_levels (R,) and loc_inds (R,) (the
-        detection's location within its level), best score first.
+        dict of boxes (R, 4), scores (R,), classes (R,) int64, fpn_levels (R,), locations (R, 2)
+        and, with a top_module, top_feats (R, D); best score first.
     """
     feats = [features[name] for name in fcos.in_features]
-    head = fcos.fcos_head(feats)
-    boxes_all, scores_all, classes_all, levels_all, locs_all = [], [], [], [], []
+    head = fcos.fcos_head(feats, top_module=top_module)
+    boxes_all, scores_all, classes_all, levels_all, locs_all, top_all = [], [], [], [], [], []
     for lvl, (logits, reg, ctr) in enumerate(zip(head.logits, head.bbox_reg, head.ctrness)):
         k = logits.shape[1]
         cls_prob = logits[0].permute(1, 2, 0).reshape(-1, k).sigmoid()  # (Ml, K)
@@ -63,7 +65,10 @@ def fcos_detections(fcos, features, image_size: Tensor) -> Tuple[Tensor, Tensor,
         scores_all.append(cand_scores)
         classes_all.append(cls_idx)
         levels_all.append(torch.full_like(loc_idx, lvl))
-        locs_all.append(loc_idx)
+        locs_all.append(locations[loc_idx])
+        if top_module is not None:
+            top = head.top_feats[lvl]
+            top_all.append(top[0].permute(1, 2, 0).reshape(-1, top.shape[1])[loc_idx])
     boxes = torch.cat(boxes_all)
     if fcos.clip_before_nms:
         boxes = clip_boxes(boxes, image_size)
@@ -73,7 +78,11 @@ def fcos_detections(fcos, features, image_size: Tensor) -> Tuple[Tensor, Tensor,
     boxes = boxes[keep]
     if not fcos.clip_before_nms:
         boxes = clip_boxes(boxes, image_size)
-    return boxes, scores[keep], classes[keep], torch.cat(levels_all)[keep], torch.cat(locs_all)[keep]
+    out = {"boxes": boxes, "scores": scores[keep], "classes": classes[keep],
+           "fpn_levels": torch.cat(levels_all)[keep], "locations": torch.cat(locs_all)[keep]}
+    if top_module is not None:
+        out["top_feats"] = torch.cat(top_all)[keep]
+    return out
 
 
 class FCOSGraph(InstancesGraph):
@@ -86,14 +95,22 @@ class FCOSGraph(InstancesGraph):
 
     def run(self, x, image_size, output_size):
         features = self.model.backbone(x)
-        boxes, scores, classes, _, _ = fcos_detections(self.model.proposal_generator, features, image_size)
-        boxes, keep = rescale_boxes(boxes, image_size, output_size)
-        return boxes[keep], scores[keep], classes[keep]
+        det = fcos_detections(self.model.proposal_generator, features, image_size)
+        boxes, keep = rescale_boxes(det["boxes"], image_size, output_size)
+        return boxes[keep], det["scores"][keep], det["classes"][keep]
+
+
+# mask head class -> function(model) -> graph, for OneStageDetector with a mask head
+MASK_HEAD_GRAPHS = {}
 
 
 @register_graph(OneStageDetector)
 def _one_stage_graph(model):
-    if model.mask_head is not None:
+    if model.mask_head is None:
+        return FCOSGraph(model)
+    fn = MASK_HEAD_GRAPHS.get(type(model.mask_head))
+    if fn is None:
         raise ValueError(f"d2seg.deploy has no export graph for the one-stage mask head "
-                         f"{type(model.mask_head).__name__} yet (docs/deploy.md lists the exportable methods)")
-    return FCOSGraph(model)
+                         f"{type(model.mask_head).__name__} (MODEL.ONE_STAGE_MASK_HEAD.NAME); exportable: "
+                         f"{sorted(c.__name__ for c in MASK_HEAD_GRAPHS)}")
+    return fn(model)
