@@ -322,7 +322,7 @@ def load_coco_checked(json_file, image_root, dataset_name=None):
             if not _is_id(ann[key]):
                 raise CocoFormatError(f"'{json_file}': annotation id={aid} has {key} "
                                       f"{ann[key]!r}; expected an int or str")
-        if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd"), float):
+        if not (_is_number(ann.get("iscrowd", 0)) and ann.get("iscrowd", 0) in (0, 1)):
             raise CocoFormatError(f"'{json_file}': annotation id={aid} has iscrowd "
                                   f"{ann['iscrowd']!r}; expected 0 or 1")
         if ann["image_id"] not in img_by_id:
