@@ -40,6 +40,14 @@ def _confident_condinst(model):
     model.mask_head.controller.weight.mul_(3.0)
 
 
+def _confident_blendmask(model):
+    # bases 20x larger (the last conv of the basis tower): mask logits 20x larger
+    last = [m for m in model.mask_head.basis_module.tower.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    last.weight.mul_(20.0)
+    if last.bias is not None:
+        last.bias.mul_(20.0)
+
+
 def _confident_solo(model):
     # category scores ~0.2 at init (above SCORE_THR), and mask logits 20x larger
     head = model.ins_head
@@ -61,6 +69,8 @@ METHODS = {
                                                                 "MODEL.SPARSE_INST.MAX_DETECTIONS", "20"],
                    _confident_sparseinst),
     "fcos": ("FCOS/fcos_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.02"], None),
+    "blendmask": ("BlendMask/blendmask_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.005"],
+                  _confident_blendmask),
     "condinst": ("CondInst/condinst_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.005"], _confident_condinst),
     "semantic_fpn": ("quick/semantic_fpn_shapes.yaml", [], None),
     "solo": ("SOLO/solo_shapes.yaml", [], _confident_solo),

@@ -17,7 +17,7 @@ def crop_bases(bases: Tensor, boxes: Tensor, im_inds: Tensor, size: int, scale: 
     """(R, K, S, S) aligned RoIAlign of ``bases`` (N, K, Hb, Wb) inside ``boxes`` (R, 4)
     (x0, y0, x1, y1 in input pixels) of images ``im_inds`` (R,); ``scale`` = 1 / stride of
     the bases. Sample points sit at the centres of the S x S cells of the box."""
-    if boxes.shape[0] == 0:
+    if boxes.shape[0] == 0 and not torch.jit.is_tracing():  # an ONNX graph keeps the general path
         return bases.new_zeros((0, bases.shape[1], size, size))
     rois = torch.cat([im_inds.to(boxes.dtype)[:, None], boxes], dim=1)
     return roi_align(bases, rois.to(bases.dtype), (size, size), spatial_scale=scale,
@@ -38,7 +38,7 @@ def blend(rois: Tensor, attns: Tensor, attn_size: int, mode: str = "bilinear") -
         raise ValueError(
             f"blend: attentions must be (R, K*M*M) = ({R}, {K * attn_size * attn_size}), got {tuple(attns.shape)}"
         )
-    if R == 0:
+    if R == 0 and not torch.jit.is_tracing():  # an ONNX graph keeps the general path
         return rois.new_zeros((0, S, S)) + attns.sum() * 0
     a = attns.reshape(R, K, attn_size, attn_size)
     kw = {"align_corners": False} if mode == "bilinear" else {}
