@@ -154,7 +154,8 @@ def test_offline_script_refuses_without_a_bundle(tmp_path):
     assert out.returncode == 3, out.stdout + out.stderr
     assert "no bundle at" in out.stdout and "make gpu-bundle" in out.stdout
     status = json.loads((tmp_path / "report" / "offline.json").read_text())
-    assert status["status"].startswith("failed: no bundle") and status["python"] == "{}.{}.{}".format(*sys.version_info[:3])
+    assert status["status"].startswith("failed: no bundle") and status["torch"] is None
+    assert status["python"] == "{}.{}.{}".format(*sys.version_info[:3])
     assert not (tmp_path / "site").exists()  # nothing was installed
 
 

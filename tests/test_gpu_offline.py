@@ -4,8 +4,9 @@
    Detectron2's Python files, fvcore, iopath and pycocotools, and without PyTorch, numpy or
    the machine's other packages.
 2. The same bundle for this machine's Python, and a clean venv standing in for the GPU
-   machine's image: its own PyTorch (torch 2.14.1, from the local copy) and the packages
-   that the bundle's manifest leaves to the machine (numpy 2, opencv, scipy, pytest, ...).
+   machine's image: its own PyTorch (torch 2.14.1, from the local copy; another pair with
+   D2SEG_REHEARSAL_TORCH) and the packages that the bundle's manifest leaves to the machine
+   (numpy 2, opencv, scipy, pytest, ...).
 3. In a copy of the checkout (what the device tool sends), `tools/gpu_offline.sh` with pip's
    index, config and any proxy turned off: it installs the bundle with `--no-index --target`,
    builds d2seg._C (CPU-only here), and runs tools/gpu_check.py in its CPU smoke mode; the
@@ -29,6 +30,9 @@ from conftest import REPO, TINY_SHAPES
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 GPU_PYTHON = "3.12"
+# the stand-in machine's PyTorch: make install's pair by default; D2SEG_REHEARSAL_TORCH="torch==2.11.0
+# torchvision==0.26.0" rehearses with the lent GPU machine's (a 4 GB download from PyPI)
+TORCH = os.environ.get("D2SEG_REHEARSAL_TORCH", "torch==2.14.1 torchvision==0.29.1").split()
 LOCAL_PYTHON = "{}.{}".format(*sys.version_info[:2])
 TIMES = {}
 
@@ -43,7 +47,8 @@ def _run(cmd, step, **kw):
 
 def _python312():
     """A CPython 3.12 interpreter that runs (a pyenv shim of a version not selected does not), or None."""
-    for p in [shutil.which("python3.12")] + sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python3.12"))):
+    pyenv = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python3.12")))
+    for p in [shutil.which("python3.12")] + pyenv:
         if p and subprocess.run([p, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"],
                                 capture_output=True).returncode == 0:
             return p
@@ -89,8 +94,8 @@ def test_the_gpu_machines_bundle_fits_and_holds_what_d2seg_needs(work):
     _run([py312, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site),
           *[str(work / "bundle312" / f) for f in files if f.endswith(".whl")]], "install 3.12",
          env=dict(os.environ, PIP_CONFIG_FILE=os.devnull))
-    out = _run([py312, "-c", "import antlr4, termcolor, platformdirs, pkg_resources, pytokens, importlib.metadata as m; "
-                "print(m.version('sal-detectron2'), pytokens.__file__)"], "import 3.12",
+    out = _run([py312, "-c", "import antlr4, termcolor, platformdirs, pkg_resources, pytokens; "
+                "import importlib.metadata as m; print(m.version('sal-detectron2'), pytokens.__file__)"], "import 3.12",
                env=dict(os.environ, PYTHONPATH=str(site)))
     version, module = out.stdout.split()
     assert version == "0.7.2+pyonly" and module.startswith(str(site))
@@ -113,7 +118,7 @@ def test_offline_rehearsal_installs_builds_and_runs_the_cpu_smoke_check(work):
     py = str(venv / "bin" / "python")
     machine = sorted({r for reqs in bundle_manifest["machine_requirements"].values() for r in reqs
                       if not r.startswith(("torch", "torchvision"))})
-    _run([py, "-m", "pip", "install", "-q", "torch==2.14.1", "torchvision==0.29.1", *machine], "machine image")
+    _run([py, "-m", "pip", "install", "-q", *TORCH, *machine], "machine image")
 
     site, report = work / "site", work / "report"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHONPATH", "VIRTUAL_ENV"))}
@@ -129,7 +134,7 @@ def test_offline_rehearsal_installs_builds_and_runs_the_cpu_smoke_check(work):
     status = json.loads((report / "offline.json").read_text())
     assert status["status"] == "gpu_check exit status 0", out.stdout[-3000:]
     assert set(status["steps_s"]) == {"install", "check", "build", "run", "total"}
-    assert status["python"].startswith(LOCAL_PYTHON) and status["torch"].startswith("2.14.1")
+    assert status["python"].startswith(LOCAL_PYTHON) and status["torch"].startswith(TORCH[0].split("==")[1])
     assert status["cuda_kernels_built"] is False and status["bundle_manifest"]["python"] == LOCAL_PYTHON
 
     r = json.loads((report / "gpu_check.json").read_text())
