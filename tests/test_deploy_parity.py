@@ -48,6 +48,11 @@ def _confident_blendmask(model):
         last.bias.mul_(20.0)
 
 
+def _confident_meinst(model):
+    # codes 20x larger: masks far from the mean mask, with foreground
+    model.mask_head.mask_pred.weight.mul_(20.0)
+
+
 def _confident_solo(model):
     # category scores ~0.2 at init (above SCORE_THR), and mask logits 20x larger
     head = model.ins_head
@@ -63,11 +68,30 @@ def _confident_solo(model):
         head.kernel_pred.weight.mul_(20.0)
 
 
+def meinst_encoding(path, size=28, components=60, n=200):
+    """A mask encoding (MODEL.MEINST.PATH_COMPONENTS) fitted to random discs and bars, in ``path``."""
+    from d2seg.meinst import MaskStatistics, save_encoding
+
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    masks = []
+    for _ in range(n):
+        c = torch.rand(2, generator=g) * size
+        r = 2 + torch.rand(1, generator=g) * size / 2
+        masks.append((((yy - c[0]) ** 2 + (xx - c[1]) ** 2) <= r ** 2).float())
+    stats = MaskStatistics(size, sigmoid=True)
+    stats.update(torch.stack(masks))
+    save_encoding(path, stats.fit(components, whiten=True))
+    return path
+
+
 # method -> (config, overrides, optional in-place change of the perturbed weights)
 METHODS = {
     "sparseinst": ("SparseInst/sparse_inst_r18_giam_shapes.yaml", ["MODEL.SPARSE_INST.CLS_THRESHOLD", "0.05",
                                                                 "MODEL.SPARSE_INST.MAX_DETECTIONS", "20"],
                    _confident_sparseinst),
+    "meinst": ("MEInst/meinst_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.005",
+                                                "MODEL.MEINST.PATH_COMPONENTS", meinst_encoding], _confident_meinst),
     "fcos": ("FCOS/fcos_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.02"], None),
     "blendmask": ("BlendMask/blendmask_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.005"],
                   _confident_blendmask),
@@ -94,6 +118,8 @@ class Exported:
 
     def __init__(self, method, tmp_dir):
         config, opts, adjust = METHODS[method]
+        # a callable in the overrides makes its value: a file in the temporary folder
+        opts = [o(os.path.join(tmp_dir, "file.npz")) if callable(o) else o for o in opts]
         self.cfg = setup_cfg(os.path.join(CONFIGS, config), ["MODEL.DEVICE", "cpu"] + opts,
                              follow_dataset_classes=False)
         torch.manual_seed(0)

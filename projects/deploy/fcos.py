@@ -11,7 +11,7 @@ clipped, and the empty ones dropped. Dynamic input height and width.
 
 Shape shorthand: K classes, Ml locations of level l, C candidates, R detections.
 """
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -33,21 +33,28 @@ def _locations(h: Tensor, w: Tensor, stride: int) -> Tensor:
     return torch.stack([xs[None, :].expand(h, w).reshape(-1), ys[:, None].expand(h, w).reshape(-1)], dim=1)
 
 
-def fcos_detections(fcos, features, image_size: Tensor, top_module=None) -> Dict[str, Tensor]:
+def fcos_detections(fcos, features, image_size: Tensor, top_module=None,
+                    extras: Optional[Dict[str, List[Tensor]]] = None) -> Dict[str, Tensor]:
     """FCOS's detections of one image (before rescaling to the output size).
 
     Args:
         fcos: the :class:`d2seg.fcos.FCOS` module; features: the backbone's maps by name;
         image_size: (2,) unpadded (h, w);
         top_module: a mask head's module on the box tower (e.g. CondInst's controller): its
-            output at each detection is returned as ``top_feats``.
+            output at each detection is returned as ``top_feats``;
+        extras: name -> L maps (1, D, Hl, Wl) on FCOS's levels (e.g. MEInst's codes), returned
+            under the same name at each detection (R, D).
     Returns:
-        dict of boxes (R, 4), scores (R,), classes (R,) int64, fpn_levels (R,), locations (R, 2)
-        and, with a top_module, top_feats (R, D); best score first.
+        dict of boxes (R, 4), scores (R,), classes (R,) int64, fpn_levels (R,), locations (R, 2),
+        with a top_module top_feats (R, D), and the extras; best score first.
     """
     feats = [features[name] for name in fcos.in_features]
     head = fcos.fcos_head(feats, top_module=top_module)
-    boxes_all, scores_all, classes_all, levels_all, locs_all, top_all = [], [], [], [], [], []
+    boxes_all, scores_all, classes_all, levels_all, locs_all = [], [], [], [], []
+    extras = dict(extras or {})
+    if top_module is not None:
+        extras["top_feats"] = head.top_feats
+    extras_all = {k: [] for k in extras}
     for lvl, (logits, reg, ctr) in enumerate(zip(head.logits, head.bbox_reg, head.ctrness)):
         k = logits.shape[1]
         cls_prob = logits[0].permute(1, 2, 0).reshape(-1, k).sigmoid()  # (Ml, K)
@@ -66,9 +73,8 @@ def fcos_detections(fcos, features, image_size: Tensor, top_module=None) -> Dict
         classes_all.append(cls_idx)
         levels_all.append(torch.full_like(loc_idx, lvl))
         locs_all.append(locations[loc_idx])
-        if top_module is not None:
-            top = head.top_feats[lvl]
-            top_all.append(top[0].permute(1, 2, 0).reshape(-1, top.shape[1])[loc_idx])
+        for k, maps in extras.items():
+            extras_all[k].append(maps[lvl][0].permute(1, 2, 0).reshape(-1, maps[lvl].shape[1])[loc_idx])
     boxes = torch.cat(boxes_all)
     if fcos.clip_before_nms:
         boxes = clip_boxes(boxes, image_size)
@@ -80,8 +86,8 @@ def fcos_detections(fcos, features, image_size: Tensor, top_module=None) -> Dict
         boxes = clip_boxes(boxes, image_size)
     out = {"boxes": boxes, "scores": scores[keep], "classes": classes[keep],
            "fpn_levels": torch.cat(levels_all)[keep], "locations": torch.cat(locs_all)[keep]}
-    if top_module is not None:
-        out["top_feats"] = torch.cat(top_all)[keep]
+    for k, v in extras_all.items():
+        out[k] = torch.cat(v)[keep]
     return out
 
 
