@@ -103,3 +103,18 @@ def test_deformable_conv_is_refused_by_name():
 def test_export_tool_rejects_half_a_size(capsys):
     assert load_tool("export_model").main(["--config-file", FCOS, "--output", "x.onnx", "--height", "64"]) == 2
     assert "both --height and --width" in capsys.readouterr().err
+
+
+def test_demo_draws_with_the_onnx_file(exported, tmp_path):
+    """tools/demo.py --onnx: ONNXPredictor behind the demo (a semantic map drawn)."""
+    from PIL import Image
+
+    cfg, _, path = exported
+    image = os.path.join(tmp_path, "in.png")
+    Image.fromarray((torch.rand(50, 70, 3) * 255).byte().numpy()).save(image)
+    out = os.path.join(tmp_path, "out.png")
+    opts = tiny_opts(tmp_path)
+    rc = load_tool("demo").main(["--config-file", SEMANTIC, "--input", image, "--output", out, "--onnx", path,
+                                 "--opts"] + opts)
+    assert rc == 0
+    assert Image.open(out).size == (70, 50)

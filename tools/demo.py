@@ -50,6 +50,8 @@ def get_parser():
     p.add_argument("--scale", type=float, default=1.0,
                    help="scale of the output picture (e.g. 4 for the 128 px shapes images; default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--onnx", metavar="FILE", help="predict with this ONNX file (tools/export_model.py) on ONNX "
+                   "Runtime instead of PyTorch; it must come from --config-file's model")
     p.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                    help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS path.pth")
     return p
@@ -139,9 +141,14 @@ def main(argv=None):
         register_coco_dataset(name, json_file, image_root)
     device = args.device if (args.device == "cpu" or torch.cuda.is_available()) else "cpu"
     cfg = setup_cfg(args.config_file, list(args.opts) + ["MODEL.DEVICE", device])
-    if not cfg.MODEL.WEIGHTS:
-        logger.warning("MODEL.WEIGHTS is empty: predicting with randomly initialised weights")
-    predictor = build_predictor(cfg)
+    if args.onnx:
+        from d2seg.deploy import ONNXPredictor
+
+        predictor = ONNXPredictor(args.onnx, cfg)
+    else:
+        if not cfg.MODEL.WEIGHTS:
+            logger.warning("MODEL.WEIGHTS is empty: predicting with randomly initialised weights")
+        predictor = build_predictor(cfg)
     dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused"
     metadata = MetadataCatalog.get(dataset)
 
