@@ -5,7 +5,9 @@ random weights, two small images with ground truth).
 hustvl's state dict, converted by d2seg's own converter, is loaded into d2seg's model built
 from the shipped ``configs/SparseInst/sparse_inst_r50_giam.yaml`` (with only the fixture's
 width overrides) and must reproduce the decoder's outputs (``pred_logits``, ``pred_masks``,
-``pred_scores``), the final instances and every training loss. The reference is not needed.
+``pred_scores``), the final instances and every training loss. The fixture's weights put the
+0.005 score threshold among the queries (``fx["threshold"]``: how many of each image's queries
+the reference cut), so the threshold path is compared as well. The reference is not needed.
 """
 import pytest
 import torch
@@ -62,6 +64,31 @@ def test_head_outputs_and_results(setup):
         inter = (pm & rm).flatten(1).sum(1).float()
         union = (pm | rm).flatten(1).sum(1).float().clamp(min=1)
         assert float((inter / union).min()) >= 0.999
+
+
+def test_score_threshold_cuts_the_same_queries(setup):
+    """Some, not all, queries of each image fall below the score threshold, in the reference
+    and in d2seg alike: the threshold path is part of the comparison."""
+    fx, cfg, model = setup
+    thr, cut = fx["threshold"]["score"], fx["threshold"]["cut"]
+    assert cfg.MODEL.SPARSE_INST.CLS_THRESHOLD == thr
+    head = fx["outputs"]["head"]
+    n = head["pred_logits"].shape[1]
+    assert all(0 < c < n for c in cut), cut
+    # the reference's cut, recomputed from its recorded outputs: sqrt(p_class * p_objectness)
+    ref_scores = torch.sqrt(head["pred_logits"].sigmoid() * head["pred_scores"].sigmoid()).max(-1).values
+    assert (ref_scores <= thr).sum(-1).tolist() == cut
+    assert [len(r["scores"]) for r in fx["outputs"]["results"]] == [n - c for c in cut]
+    # d2seg's scores fall on the same side of the threshold, query by query, far from it
+    model.eval()
+    with torch.no_grad():
+        out = model.predict(model.preprocess_image(batch(fx)).tensor)
+    ours = torch.sqrt(out["pred_logits"].sigmoid() * out["pred_scores"].sigmoid()).max(-1).values
+    assert torch.equal(ours > thr, ref_scores > thr)
+    assert float((ours / thr).log().abs().min()) > 0.05  # no query within 5 % of the threshold
+    with torch.no_grad():
+        results = model(batch(fx))
+    assert [len(r["instances"]) for r in results] == [n - c for c in cut]
 
 
 def test_training_losses(setup):

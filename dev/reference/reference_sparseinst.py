@@ -2,10 +2,13 @@
 
 Builds hustvl's SparseInst from its own ``configs/sparse_inst_r50_giam.yaml`` (R-50,
 instance context encoder, Group-IAM decoder) narrowed by :data:`NARROW`, with random
-weights from the seed (the objectness and class biases raised so that some predictions pass
-the 0.005 threshold), and records on the fixture images: the decoder's outputs (eval
-mode), the final results, and the training losses (train mode, same weights, same batch).
-Nothing of the reference is stubbed or patched.
+weights from the seed (:func:`build_reference_model`: the class bias raised by
+:data:`CLASS_BIAS`), then spreads the queries' objectness so that the 0.005 score threshold
+falls among them (:func:`spread_objectness`: some queries of each image are cut, the others
+kept, so the threshold path is compared too), and records on the fixture images: the
+decoder's outputs (eval mode), the final results, how many queries the threshold cut, and
+the training losses (train mode, same weights, same batch). Nothing of the reference is
+patched; timm is stubbed when it is not installed (:func:`_stub_timm`).
 """
 from typing import Dict
 
@@ -28,8 +31,16 @@ NARROW = [
 ]
 
 
-CLASS_BIAS = 1.0  # added to the focal prior bias (-4.6): some scores pass 0.005, not all
-OBJECTNESS_BIAS = 0.0
+CLASS_BIAS = 1.0  # added to the focal prior bias (-4.6): the best class's probability about 0.08
+
+# The fixture's objectness (spread_objectness): weights at this gain / sqrt(fan_in), so that the
+# 12 queries' objectness logits spread over about 3 (at build_reference_model's gain 2, over
+# 0.1), and this bias, which puts the 0.005 score threshold sqrt(p_class * p_objectness) among
+# them (chosen by scanning the bias in steps of 0.1 on the fixture images, seed 0: 6 of the 12
+# queries of each image are cut, and every score is at least 12 % away from the threshold).
+OBJECTNESS_GAIN = 40.0
+OBJECTNESS_BIAS = -5.7
+SCORE_THRESHOLD = 0.005  # configs/sparse_inst_r50_giam.yaml (MODEL.SPARSE_INST.CLS_THRESHOLD)
 
 
 def _opts():
@@ -109,14 +120,28 @@ def build_reference_model(checkout: str, seed: int, opts=None):
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * gain / fan_in ** 0.5)
         ib.mask_kernel.bias.copy_(torch.randn(ib.mask_kernel.bias.shape, generator=g))
         model.decoder.inst_branch.cls_score.bias.add_(CLASS_BIAS)
-        model.decoder.inst_branch.objectness.bias.add_(OBJECTNESS_BIAS)
     return cfg, model
+
+
+def spread_objectness(model, seed: int, gain: float = OBJECTNESS_GAIN, bias: float = OBJECTNESS_BIAS):
+    """Objectness weights redrawn at ``gain`` / sqrt(fan_in) (generator seed + 2) and the bias
+    set to ``bias``: the queries' scores then straddle the score threshold."""
+    layer = model.decoder.inst_branch.objectness
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        fan_in = layer.weight[0].numel()
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * gain / fan_in ** 0.5)
+        layer.bias.fill_(bias)
 
 
 def build_fixture(name: str, checkout: str, seed: int) -> Dict:
     stubbed = _stub_timm()
     with on_path(checkout):
         cfg, model = build_reference_model(checkout, seed)
+        spread_objectness(model, seed)
+        if cfg.MODEL.SPARSE_INST.CLS_THRESHOLD != SCORE_THRESHOLD:
+            raise RuntimeError(f"{checkout}: CLS_THRESHOLD {cfg.MODEL.SPARSE_INST.CLS_THRESHOLD}, "
+                               f"the fixture was designed for {SCORE_THRESHOLD}")
 
         inputs = synthetic_images(seed, num_classes=cfg.MODEL.SPARSE_INST.DECODER.NUM_CLASSES)
         # images are RGB (INPUT.FORMAT "RGB"); synthetic_images' channel order is arbitrary
@@ -132,6 +157,13 @@ def build_fixture(name: str, checkout: str, seed: int) -> Dict:
             results = model(to_detectron2_inputs(inputs))
         h.remove()
         results = [instances_to_dict(r["instances"]) for r in results]
+        # the reference's own score (sqrt(p_class * p_objectness), best class) per query
+        scores = torch.sqrt(head["pred_logits"].sigmoid() * head["pred_scores"].sigmoid()).max(-1).values
+        cut = [int(n) for n in (scores <= SCORE_THRESHOLD).sum(-1)]
+        kept = [len(r["scores"]) for r in results]
+        if any(c == 0 or k == 0 for c, k in zip(cut, kept)):
+            raise RuntimeError(f"queries cut per image {cut}, kept {kept}: every image needs both; "
+                               "rescan OBJECTNESS_BIAS")
 
         model.train()
         losses = model(to_detectron2_inputs(inputs))
@@ -145,8 +177,11 @@ def build_fixture(name: str, checkout: str, seed: int) -> Dict:
         "seed": seed,
         "notes": ("timm stubbed (only imported by unused backbones); " if stubbed else "")
                  + "nothing patched; random init from the seed, zero biases and FrozenBN "
-                 "statistics randomised, class and objectness biases +2 so that predictions pass "
-                 "the score threshold",
+                 f"statistics randomised, class bias +{CLASS_BIAS:g}, objectness weights at gain "
+                 f"{OBJECTNESS_GAIN:g} / sqrt(fan_in) and bias {OBJECTNESS_BIAS:g}, so that the "
+                 f"{SCORE_THRESHOLD:g} score threshold cuts {cut} of the {scores.shape[1]} queries "
+                 "of the images and keeps the others",
+        "threshold": {"score": SCORE_THRESHOLD, "cut": cut},
         "weights": {k: v for k, v in model.state_dict().items()},
         "inputs": inputs,
         "outputs": {"head": head, "results": results},
