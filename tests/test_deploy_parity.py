@@ -184,8 +184,15 @@ def assert_same_results(ref, out):
         assert a.pred_masks.flatten(1).any(1).sum() > 0  # some non-empty masks
 
 
+# In the default suite: one method per kind of graph (FCOS's NMS, CondInst's dynamic head,
+# BlendMask's RoiAlign and pasting, SOLOv2's Matrix NMS, SparseInst, a semantic model); the
+# others share those parts and run with -m slow (an export costs 5-10 s on 2 busy cores).
+SLOW = {"solo", "decoupled_solo", "meinst", "pointrend_semantic"}
+
+
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0][0]}x{s[0][1]}to{s[1][0]}x{s[1][1]}")
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m
+                                    for m in sorted(METHODS)])
 def test_onnxruntime_equals_pytorch(exported, method, size):
     e = exported(method)
     (h, w), (oh, ow) = size
