@@ -45,6 +45,10 @@ _MIN_VARIANCE = 1e-12
 # (almost) no variance in the training set would otherwise blow up the codes of unseen
 # masks. Encode -> decode is unaffected (T and W use the same scale).
 _REL_MIN_VARIANCE = 1e-4
+# Training masks whose largest variance is below this have (almost) none to whiten by (e.g.
+# every mask fills its box, as in a data set whose masks are its boxes): the codes are
+# left unscaled (scale 1), else the noise of the targets' clamp would be divided by ~0.
+_DEGENERATE_VARIANCE = 1e-6
 
 
 class MaskEncodingError(ValueError):
@@ -100,10 +104,13 @@ class MaskEncodingParams:
                                   self.dataset)
 
     def scale(self) -> np.ndarray:
-        """(N,) per-component scale of the codes (sqrt of the floored variance, or 1)."""
+        """(N,) per-component scale of the codes (sqrt of the floored variance, or 1 without
+        whitening or when the masks have no variance)."""
         if not self.whiten:
             return np.ones_like(self.explained_variance)
         ev = self.explained_variance
+        if float(ev.max(initial=0.0)) < _DEGENERATE_VARIANCE:
+            return np.ones_like(ev)
         floor = max(_MIN_VARIANCE, _REL_MIN_VARIANCE * float(ev.max(initial=0.0)))
         return np.sqrt(np.maximum(ev, floor))
 
@@ -231,7 +238,9 @@ class MaskEncoding(nn.Module):
         ev = self.explained_variances
         if not self.whiten:
             return torch.ones_like(ev)
-        floor = (_REL_MIN_VARIANCE * ev.max()).clamp(min=_MIN_VARIANCE) if ev.numel() else ev.new_tensor(1.0)
+        if not ev.numel() or float(ev.max()) < _DEGENERATE_VARIANCE:
+            return torch.ones_like(ev)
+        floor = (_REL_MIN_VARIANCE * ev.max()).clamp(min=_MIN_VARIANCE)
         return torch.maximum(ev, floor).sqrt()
 
     def projection(self) -> Tensor:

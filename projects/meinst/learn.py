@@ -17,9 +17,17 @@ import torch
 from torch import Tensor
 
 from detectron2.data import DatasetCatalog
+from detectron2.utils import comm
 from detectron2.structures import BitMasks, BoxMode, PolygonMasks
 
-from .encoding import MaskEncoding, MaskEncodingError, MaskEncodingParams, MaskStatistics, mask_iou
+from .encoding import (
+    _DEGENERATE_VARIANCE,
+    MaskEncoding,
+    MaskEncodingError,
+    MaskEncodingParams,
+    MaskStatistics,
+    mask_iou,
+)
 
 __all__ = [
     "crop_masks_of_record",
@@ -119,6 +127,10 @@ def learn_encoding(
         stats.update(batch)
     name = dataset if isinstance(dataset, str) else ""
     params = stats.fit(num_components, whiten, dataset=name)
+    if whiten and float(params.explained_variance.max(initial=0.0)) < _DEGENERATE_VARIANCE:
+        logger.warning(f"The {stats.count} masks of {name or 'the given records'} have no variance "
+                       "once cropped to their boxes (every mask fills its box?): the codes are "
+                       "not whitened.")
     logger.info(f"Learnt a {mask_size}x{mask_size} -> {num_components} mask encoding from "
                 f"{stats.count} masks of {name or 'the given records'}.")
     return params
@@ -221,17 +233,18 @@ def default_encoding_path(cfg) -> str:
 
 
 def _check_source(params: MaskEncodingParams, path: str, cfg) -> None:
-    """An encoding file that records the data set it was learnt from must have been learnt
-    from the training data (DATASETS.TRAIN), unless the config names no training data."""
+    """Warn when an encoding file named by MODEL.MEINST.PATH_COMPONENTS records that it was
+    learnt from a data set that is not among DATASETS.TRAIN. A warning, not an error: a
+    file is an explicit choice, and the encoding of a pretrained checkpoint (extracted by
+    d2seg.meinst.convert) is the right one to fine-tune that checkpoint on other data."""
     train = list(cfg.DATASETS.TRAIN)
     sources = [s for s in params.dataset.split("+") if s]
     if train and sources and not set(sources) <= set(train):
-        raise MaskEncodingError(
-            f"the mask encoding {path} (MODEL.MEINST.PATH_COMPONENTS) was learnt from "
-            f"{params.dataset!r}, but the model trains on DATASETS.TRAIN={tuple(train)}. Set "
-            "MODEL.MEINST.PATH_COMPONENTS '' to learn the encoding from DATASETS.TRAIN (cached "
-            "by a hash of the data), or point it at an encoding learnt from that data "
-            "(tools/meinst_encoding.py)."
+        logger.warning(
+            f"MEInst: the mask encoding {path} (MODEL.MEINST.PATH_COMPONENTS) was learnt from "
+            f"{params.dataset!r}, not from DATASETS.TRAIN={tuple(train)}. Set "
+            "MODEL.MEINST.PATH_COMPONENTS '' to learn it from the training data (cached by a "
+            "hash of the data)."
         )
 
 
@@ -239,8 +252,8 @@ def encoding_for_config(cfg) -> MaskEncodingParams:
     """The encoding a config asks for, following the training data:
 
     * ``MODEL.MEINST.PATH_COMPONENTS`` set: that file (checked against MASK_SIZE / DIM_MASK /
-      WHITEN / SIGMOID, and, when it records the data set it was learnt from, against
-      DATASETS.TRAIN); a missing file is learnt there from ENCODING_DATASET when that is set;
+      WHITEN / SIGMOID; a warning when it records another source than DATASETS.TRAIN); a
+      missing file is learnt there from ENCODING_DATASET when that is set;
     * else learnt from :func:`encoding_sources` (ENCODING_DATASET, which must be one of
       DATASETS.TRAIN, or all of DATASETS.TRAIN) on first use and cached under
       :func:`default_encoding_path`, named by a hash of the data.
@@ -264,13 +277,15 @@ def encoding_for_config(cfg) -> MaskEncodingParams:
             raise KeyError(f"MEInst: the mask encoding's data set {missing[0]!r} (MODEL.MEINST."
                            f"ENCODING_DATASET or DATASETS.TRAIN) is not a registered data set.")
         path = path or default_encoding_path(cfg)
-        if not os.path.isfile(path):
+        # in distributed training the main process learns it, the others wait and read it
+        if not os.path.isfile(path) and comm.is_main_process():
             source = "+".join(names)
             logger.info(f"MEInst: learning the mask encoding from {source} into {path}")
             records = itertools.chain.from_iterable(DatasetCatalog.get(n) for n in names)
             params = learn_encoding(records, mc.MASK_SIZE, mc.DIM_MASK, mc.WHITEN, mc.SIGMOID)
             params.dataset = source
             save_encoding(path, params)
+        comm.synchronize()
     what = "MODEL.MEINST.PATH_COMPONENTS" if mc.PATH_COMPONENTS else "cached encoding"
     params = load_encoding(path, what=what, **kw)
     _check_source(params, path, cfg)
