@@ -53,6 +53,11 @@ def _confident_meinst(model):
     model.mask_head.mask_pred.weight.mul_(20.0)
 
 
+def _confident_pointins(model):
+    # mask logits 20x larger (the last layer of Detectron2's mask head in the mask branch)
+    model.mask_head.mask_branch.mask_head.predictor.weight.mul_(20.0)
+
+
 def _confident_solo(model):
     # category scores ~0.2 at init (above SCORE_THR), and mask logits 20x larger
     head = model.ins_head
@@ -92,6 +97,8 @@ METHODS = {
                    _confident_sparseinst),
     "meinst": ("MEInst/meinst_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.005",
                                                 "MODEL.MEINST.PATH_COMPONENTS", meinst_encoding], _confident_meinst),
+    "pointins_fcos": ("PointINS/pointins_fcos_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.02"],
+                      _confident_pointins),
     "fcos": ("FCOS/fcos_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.02"], None),
     "blendmask": ("BlendMask/blendmask_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.005"],
                   _confident_blendmask),

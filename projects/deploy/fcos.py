@@ -34,7 +34,7 @@ def _locations(h: Tensor, w: Tensor, stride: int) -> Tensor:
 
 
 def fcos_detections(fcos, features, image_size: Tensor, top_module=None,
-                    extras: Optional[Dict[str, List[Tensor]]] = None) -> Dict[str, Tensor]:
+                    extras: Optional[Dict[str, List[Tensor]]] = None, yield_towers: bool = False) -> Dict:
     """FCOS's detections of one image (before rescaling to the output size).
 
     Args:
@@ -46,11 +46,13 @@ def fcos_detections(fcos, features, image_size: Tensor, top_module=None,
             under the same name at each detection (R, D).
     Returns:
         dict of boxes (R, 4), scores (R,), classes (R,) int64, fpn_levels (R,), locations (R, 2),
-        with a top_module top_feats (R, D), and the extras; best score first.
+        level_inds (R,) (the detection's location index within its level), with a top_module
+        top_feats (R, D), the extras, and with ``yield_towers`` the L box tower maps under
+        ``bbox_towers``; best score first.
     """
     feats = [features[name] for name in fcos.in_features]
-    head = fcos.fcos_head(feats, top_module=top_module)
-    boxes_all, scores_all, classes_all, levels_all, locs_all = [], [], [], [], []
+    head = fcos.fcos_head(feats, top_module=top_module, yield_towers=yield_towers)
+    boxes_all, scores_all, classes_all, levels_all, locs_all, inds_all = [], [], [], [], [], []
     extras = dict(extras or {})
     if top_module is not None:
         extras["top_feats"] = head.top_feats
@@ -73,6 +75,7 @@ def fcos_detections(fcos, features, image_size: Tensor, top_module=None,
         classes_all.append(cls_idx)
         levels_all.append(torch.full_like(loc_idx, lvl))
         locs_all.append(locations[loc_idx])
+        inds_all.append(loc_idx)
         for k, maps in extras.items():
             extras_all[k].append(maps[lvl][0].permute(1, 2, 0).reshape(-1, maps[lvl].shape[1])[loc_idx])
     boxes = torch.cat(boxes_all)
@@ -85,7 +88,10 @@ def fcos_detections(fcos, features, image_size: Tensor, top_module=None,
     if not fcos.clip_before_nms:
         boxes = clip_boxes(boxes, image_size)
     out = {"boxes": boxes, "scores": scores[keep], "classes": classes[keep],
-           "fpn_levels": torch.cat(levels_all)[keep], "locations": torch.cat(locs_all)[keep]}
+           "fpn_levels": torch.cat(levels_all)[keep], "locations": torch.cat(locs_all)[keep],
+           "level_inds": torch.cat(inds_all)[keep]}
+    if yield_towers:
+        out["bbox_towers"] = head.bbox_towers
     for k, v in extras_all.items():
         out[k] = torch.cat(v)[keep]
     return out
