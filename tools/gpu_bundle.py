@@ -143,7 +143,7 @@ def pure_python_wheel(src, out_dir, local_label=DETECTRON2_LOCAL_LABEL, relax=("
         names = z.namelist()
         info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA") and n.count("/") == 1)
         metadata = email.parser.Parser().parsestr(z.read(info + "/METADATA").decode("utf-8"))
-        dist, version = metadata["Name"], metadata["Version"]
+        dist, version = metadata["Name"], metadata["Version"]  # the header fields
         new_version = f"{version}+{local_label}"
         stem = f"{re.sub(r'[-_.]+', '_', dist).lower()}-{new_version}"
         new_info = stem + ".dist-info"
@@ -152,8 +152,9 @@ def pure_python_wheel(src, out_dir, local_label=DETECTRON2_LOCAL_LABEL, relax=("
             if n.endswith("/") or n.endswith((".so", ".pyd")) or n.startswith(info + "/"):
                 continue
             files[n] = z.read(n)
+        header, _, body = z.read(info + "/METADATA").decode("utf-8").partition("\n\n")
         lines = []
-        for line in z.read(info + "/METADATA").decode("utf-8").splitlines():
+        for line in header.splitlines():
             if line.startswith("Version:"):
                 line = f"Version: {new_version}"
             elif line.startswith("Requires-Dist:"):
@@ -163,13 +164,14 @@ def pure_python_wheel(src, out_dir, local_label=DETECTRON2_LOCAL_LABEL, relax=("
                     marker = f"; {req.marker}" if req.marker else ""
                     line = f"Requires-Dist: {req.name}{','.join(str(s) for s in kept)}{marker}"
             lines.append(line)
-        files[new_info + "/METADATA"] = ("\n".join(lines) + "\n").encode()
+        files[new_info + "/METADATA"] = ("\n".join(lines) + "\n" + ("\n" + body if body else "")).encode()
         files[new_info + "/WHEEL"] = (
             "Wheel-Version: 1.0\nGenerator: d2seg tools/gpu_bundle.py\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
         ).encode()
-        for extra in ("top_level.txt", "LICENSE", "entry_points.txt"):
-            if info + "/" + extra in names:
-                files[new_info + "/" + extra] = z.read(info + "/" + extra)
+        for n in names:  # the rest of the dist-info folder (top_level.txt, licenses, ...)
+            if n.startswith(info + "/") and not n.endswith("/") and n.split("/", 1)[1] not in ("METADATA", "WHEEL",
+                                                                                                  "RECORD"):
+                files[new_info + "/" + n.split("/", 1)[1]] = z.read(n)
     record = io.StringIO()
     writer = csv.writer(record, lineterminator="\n")
     for n, data in files.items():
