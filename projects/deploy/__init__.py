@@ -6,7 +6,8 @@ ONNX Runtime behind Detectron2's predictor and model interfaces. See docs/deploy
     export_onnx(model, "model.onnx", cfg)            # dynamic height/width where possible
     predictions = ONNXPredictor("model.onnx")(bgr_image)
 """
-from . import blendmask, condinst, fcos, meinst, pointins, semantic, solo, sparseinst  # noqa: F401  (register the methods' graphs)
+# the methods' graphs register themselves
+from . import blendmask, condinst, fcos, meinst, pointins, semantic, solo, sparseinst  # noqa: F401
 from .export import DEFAULT_OPSET, ExportError, check_exportable, config_digest, export_onnx
 from .graph import GRAPHS, graph_for
 from .predictor import ONNXModel, ONNXPredictor, read_metadata
