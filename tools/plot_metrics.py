@@ -81,8 +81,11 @@ def plot_runs(runs, metrics=None):
             ax_loss.plot(*_finite(*series["validation_loss"]), "o--", color=colour, label=f"{label}: validation")
         terms = sorted(k for k in series if k.startswith("loss_"))
         for i, key in enumerate(terms):
-            ax_terms.plot(*series[key], styles[i % len(styles)], color=colour, alpha=0.85,
-                          marker=None if i < len(styles) else ".", markevery=0.1, label=f"{label}: {key}")
+            if len(runs) == 1:  # one colour per term
+                ax_terms.plot(*series[key], color=f"C{i % 10}", label=f"{label}: {key}")
+            else:  # one colour per run, one line style per term
+                ax_terms.plot(*series[key], styles[i % len(styles)], color=colour, alpha=0.85,
+                              marker=None if i < len(styles) else ".", markevery=0.1, label=f"{label}: {key}")
         if "lr" in series:
             ax_lr.plot(*series["lr"], color=colour, label=label)
         keys = metrics if metrics is not None else sorted(k for k in series if DEFAULT_METRICS.search(k))

@@ -5,6 +5,7 @@
     python tools/train_net.py --config-file X.yaml --eval-only MODEL.WEIGHTS out/model_final.pth
     python tools/train_net.py --config-file X.yaml --resume          # continue a killed run
     python tools/train_net.py --config-file X.yaml --num-gpus 2      # 2 processes (gloo on CPU)
+    torchrun --nproc-per-node 2 tools/train_net.py --config-file X.yaml  # the same, started by torchrun
     python tools/train_net.py --config-file X.yaml \
         --register-coco my_train ann/train.json images/train --register-coco my_val ann/val.json images/val \
         DATASETS.TRAIN "('my_train',)" DATASETS.TEST "('my_val',)"   # your own COCO-format data
@@ -83,9 +84,28 @@ def parse_args(argv=None):
     return args
 
 
+def torchrun_worker():
+    """(local rank, world size, processes per machine, machine rank) of this process when
+    torchrun started it (torchrun's environment variables), else None."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    env = os.environ
+    return (int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"]),
+            int(env["GROUP_RANK"]))
+
+
 def invoke_main():
     args = parse_args()
     print("Command Line Args:", args)
+    worker = torchrun_worker()
+    if worker is not None:
+        # torchrun started one process per GPU already: join its group (env://) as
+        # Detectron2's launcher joins the processes it starts (--num-gpus etc. are not used)
+        from detectron2.engine.launch import _distributed_worker
+
+        local_rank, world_size, per_machine, machine_rank = worker
+        _distributed_worker(local_rank, main, world_size, per_machine, machine_rank, "env://", (args,))
+        return
     launch(
         main,
         args.num_gpus,
