@@ -16,11 +16,15 @@ from .point_features import (
     point_sample_boxes,
     point_sample_fine_grained_features,
 )
-from .roi_align import fast_roi_align_backward_active, use_fast_roi_align_backward
+from .roi_align import (
+    fast_roi_align_backward_active,
+    use_fast_roi_align_backward,
+    use_torchvision_roi_align_backward,
+)
 
-# torchvision's CPU RoIAlign backward -> d2seg's bit-identical, faster kernel (roi_align.py;
-# D2SEG_TORCHVISION_ROI_ALIGN_BACKWARD=1 keeps torchvision's).
-use_fast_roi_align_backward()
+# Importing registers nothing in other libraries: d2seg's faster RoIAlign backward replaces
+# torchvision's CPU kernel only when asked (use_fast_roi_align_backward(), or d2seg's
+# Trainer with MODEL.FAST_ROI_ALIGN_BACKWARD).
 
 __all__ = [
     "axpy",
@@ -39,5 +43,6 @@ __all__ = [
     "get_uncertain_point_coords_with_randomness",
     "get_uncertain_point_coords_on_grid",
     "use_fast_roi_align_backward",
+    "use_torchvision_roi_align_backward",
     "fast_roi_align_backward_active",
 ]
