@@ -197,10 +197,9 @@ def _fit_worker(config, plan):
     import d2seg  # noqa: F401  registers the methods and data sets in this process
 
     cfg, model, batch = _setup(config, plan)
-    if cfg.MODEL.FAST_ROI_ALIGN_BACKWARD:  # as d2seg's Trainer does: the same gradients, faster
-        from d2seg.layers import use_fast_roi_align_backward
+    from d2seg.layers import roi_align_backward_from_config
 
-        use_fast_roi_align_backward()
+    roi_align_backward_from_config(cfg)  # as d2seg's Trainer does: the same gradients, faster
     start = time.perf_counter()
     losses = _train(cfg, model, batch, plan)
     return model.state_dict(), losses, time.perf_counter() - start

@@ -225,7 +225,7 @@ def test_torchvision_roi_align_uses_it_when_asked(torchvision_grads, torchvision
 @pytest.mark.parametrize("enabled", [False, True])
 def test_trainer_uses_it_by_config(enabled, tmp_path, torchvision_kernel):
     """d2seg's Trainer registers the kernel when MODEL.FAST_ROI_ALIGN_BACKWARD (True in d2seg's
-    configs), and leaves torchvision's kernel with False."""
+    configs), and uses torchvision's kernel with False, even after d2seg's was registered."""
     from conftest import CONFIGS, tiny_opts
     from d2seg.config import get_d2seg_cfg
     from d2seg.engine import Trainer, setup_cfg
@@ -233,6 +233,9 @@ def test_trainer_uses_it_by_config(enabled, tmp_path, torchvision_kernel):
     assert get_d2seg_cfg().MODEL.FAST_ROI_ALIGN_BACKWARD is True
     cfg = setup_cfg(os.path.join(CONFIGS, "quick", "mask_rcnn_shapes.yaml"),
                     tiny_opts(tmp_path, max_iter=1, MODEL__FAST_ROI_ALIGN_BACKWARD=enabled))
+    Trainer(cfg)
+    assert fast_roi_align_backward_active() is enabled
+    use_fast_roi_align_backward()
     Trainer(cfg)
     assert fast_roi_align_backward_active() is enabled
 

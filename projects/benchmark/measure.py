@@ -17,6 +17,7 @@ from detectron2.utils.events import EventStorage
 
 from ..data import D2SegDatasetMapper, prepare_datasets
 from ..engine import AtomicCheckpointer, Trainer
+from ..layers import roi_align_backward_from_config
 from .memory import PeakMemory
 from .stats import summarize
 
@@ -203,6 +204,7 @@ def measure_training(cfg, warmup=2, iters=5, input_size=None):
     model = Trainer.build_model(cfg)
     _load_weights(model, cfg)
     model.train()
+    roi_align_backward_from_config(cfg)  # RoIAlign's CPU backward as the Trainer chooses it
     optimizer = Trainer.build_optimizer(cfg, model)
     scheduler = Trainer.build_lr_scheduler(cfg, optimizer)
     times, losses = [], []

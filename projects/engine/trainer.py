@@ -205,11 +205,10 @@ class Trainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         from ..data import prepare_datasets
-        from ..layers import use_fast_roi_align_backward
+        from ..layers import roi_align_backward_from_config
 
         prepare_datasets(cfg)
-        if cfg.MODEL.FAST_ROI_ALIGN_BACKWARD:  # bit-identical gradients, faster (d2seg.layers.roi_align)
-            use_fast_roi_align_backward()
+        roi_align_backward_from_config(cfg)  # MODEL.FAST_ROI_ALIGN_BACKWARD (d2seg.layers.roi_align)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)

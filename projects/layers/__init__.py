@@ -18,6 +18,7 @@ from .point_features import (
 )
 from .roi_align import (
     fast_roi_align_backward_active,
+    roi_align_backward_from_config,
     use_fast_roi_align_backward,
     use_torchvision_roi_align_backward,
 )
@@ -44,5 +45,6 @@ __all__ = [
     "get_uncertain_point_coords_on_grid",
     "use_fast_roi_align_backward",
     "use_torchvision_roi_align_backward",
+    "roi_align_backward_from_config",
     "fast_roi_align_backward_active",
 ]

@@ -32,6 +32,7 @@ __all__ = [
     "MAX_TABLE_BYTES",
     "use_fast_roi_align_backward",
     "use_torchvision_roi_align_backward",
+    "roi_align_backward_from_config",
     "fast_roi_align_backward_active",
     "roi_align_backward",
     "sample_table_bound",
@@ -119,6 +120,16 @@ def use_torchvision_roi_align_backward():
     if _LIB is not None:
         _LIB._destroy()
         _LIB = None
+
+
+def roi_align_backward_from_config(cfg):
+    """RoIAlign's CPU backward as ``cfg.MODEL.FAST_ROI_ALIGN_BACKWARD`` says: d2seg's kernel
+    when True, torchvision's own when False (what d2seg's Trainer does before training).
+    Returns whether d2seg's kernel is in use."""
+    if cfg.MODEL.FAST_ROI_ALIGN_BACKWARD:
+        return use_fast_roi_align_backward()
+    use_torchvision_roi_align_backward()
+    return False
 
 
 def fast_roi_align_backward_active():
