@@ -64,6 +64,10 @@ def _confident_pointins_retinanet(model):
     model.mask_branch.mask_head.predictor.weight.mul_(100.0)
 
 
+def _confident_mask_rcnn(model):
+    model.roi_heads.mask_head.predictor.weight.mul_(20.0)
+
+
 def _confident_solo(model):
     # category scores ~0.2 at init (above SCORE_THR), and mask logits 20x larger
     head = model.ins_head
@@ -108,6 +112,8 @@ METHODS = {
     "pointins_retinanet": ("PointINS/pointins_retinanet_R18_shapes.yaml",
                            ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.02", "TEST.DETECTIONS_PER_IMAGE", "20"],
                            _confident_pointins_retinanet),
+    "pointrend_rcnn": ("PointRend/pointrend_rcnn_R18_shapes.yaml", ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.05"], None),
+    "mask_rcnn": ("quick/mask_rcnn_shapes.yaml", ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.05"], _confident_mask_rcnn),
     "fcos": ("FCOS/fcos_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.02"], None),
     "blendmask": ("BlendMask/blendmask_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.005"],
                   _confident_blendmask),
@@ -202,9 +208,10 @@ def assert_same_results(ref, out):
 
 
 # In the default suite: one method per kind of graph (FCOS's NMS, CondInst's dynamic head,
-# BlendMask's RoiAlign and pasting, SOLOv2's Matrix NMS, SparseInst, a semantic model); the
+# BlendMask's RoiAlign and pasting, PointINS's mask branch, SOLOv2's Matrix NMS, SparseInst,
+# PointRend's two stages and subdivision, a semantic model); the
 # others share those parts and run with -m slow (an export costs 5-10 s on 2 busy cores).
-SLOW = {"solo", "decoupled_solo", "meinst", "pointrend_semantic", "pointins_retinanet"}
+SLOW = {"solo", "decoupled_solo", "meinst", "pointrend_semantic", "pointins_retinanet", "mask_rcnn"}
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0][0]}x{s[0][1]}to{s[1][0]}x{s[1][1]}")
@@ -243,6 +250,8 @@ NO_DETECTIONS = {
     "meinst": ["MODEL.FCOS.INFERENCE_TH_TEST", "1.0"],
     "pointins_fcos": ["MODEL.FCOS.INFERENCE_TH_TEST", "1.0"],
     "pointins_retinanet": ["MODEL.RETINANET.SCORE_THRESH_TEST", "1.0"],
+    "pointrend_rcnn": ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0"],
+    "mask_rcnn": ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0"],
     "solo": ["MODEL.SOLO.SCORE_THR", "1.0"],
     "decoupled_solo": ["MODEL.SOLO.SCORE_THR", "1.0"],
     "solov2": ["MODEL.SOLO.SCORE_THR", "1.0"],

@@ -34,6 +34,9 @@ def get_parser():
     p.add_argument("--width", type=int, help="fixed input width (with --height)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    p.add_argument("--benchmark", type=int, default=0, metavar="N",
+                   help="also time N runs of PyTorch and of ONNX Runtime on one image at the export size "
+                        "(or INPUT.MIN_SIZE_TEST x MAX_SIZE_TEST rounded), one thread each; prints the medians")
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return p
 
@@ -55,6 +58,33 @@ def check_against_pytorch(model, path, cfg, height, width):
         diff = (a.scores.sort().values - b.scores.sort().values).abs().max()
         text += f", largest score difference {float(diff):.2e}"
     return text
+
+
+def benchmark(model, path, cfg, height, width, runs):
+    """Median seconds per image of PyTorch (``model``) and ONNX Runtime (``path``), one thread
+    each, after one warm-up run, on a (height, width) noise image: (torch_s, onnxruntime_s)."""
+    import statistics
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    inputs = [{"image": torch.rand(3, height, width, generator=g) * 255, "height": height, "width": width}]
+    onnx_model = ONNXModel(path, cfg, num_threads=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = {}
+        for name, fn in (("torch", model), ("onnxruntime", onnx_model)):
+            fn(inputs)  # warm-up
+            t = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                with torch.no_grad():
+                    fn(inputs)
+                t.append(time.perf_counter() - start)
+            times[name] = statistics.median(t)
+    finally:
+        torch.set_num_threads(threads)
+    return times["torch"], times["onnxruntime"]
 
 
 def main(argv=None):
@@ -82,6 +112,13 @@ def main(argv=None):
         div = graph.size_divisibility
         side = -(-int(cfg.INPUT.MIN_SIZE_TEST) // div) * div
         print("check: " + check_against_pytorch(model, args.output, cfg, args.height or side, args.width or side))
+    if args.benchmark:
+        div = graph.size_divisibility
+        h = args.height or -(-int(cfg.INPUT.MIN_SIZE_TEST) // div) * div
+        w = args.width or -(-int(cfg.INPUT.MAX_SIZE_TEST) // div) * div
+        t_torch, t_ort = benchmark(model, args.output, cfg, h, w, args.benchmark)
+        print(f"benchmark {h}x{w}, 1 thread, median of {args.benchmark}: PyTorch {t_torch:.3f} s, "
+              f"ONNX Runtime {t_ort:.3f} s ({t_torch / t_ort:.2f}x)")
     return 0
 
 

@@ -7,7 +7,7 @@ ONNX Runtime behind Detectron2's predictor and model interfaces. See docs/deploy
     predictions = ONNXPredictor("model.onnx")(bgr_image)
 """
 # the methods' graphs register themselves
-from . import blendmask, condinst, fcos, meinst, pointins, semantic, solo, sparseinst  # noqa: F401
+from . import blendmask, condinst, fcos, meinst, pointins, rcnn, semantic, solo, sparseinst  # noqa: F401
 from .export import DEFAULT_OPSET, ExportError, check_exportable, config_digest, export_onnx
 from .graph import GRAPHS, graph_for
 from .predictor import ONNXModel, ONNXPredictor, read_metadata
