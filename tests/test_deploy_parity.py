@@ -114,6 +114,12 @@ METHODS = {
                            _confident_pointins_retinanet),
     "pointrend_rcnn": ("PointRend/pointrend_rcnn_R18_shapes.yaml", ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.05"], None),
     "mask_rcnn": ("quick/mask_rcnn_shapes.yaml", ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.05"], _confident_mask_rcnn),
+    "sparseinst_loc": ("SparseInst/sparse_inst_r18_giam_loc_shapes.yaml",
+                       ["MODEL.SPARSE_INST.CLS_THRESHOLD", "0.05", "MODEL.SPARSE_INST.MAX_DETECTIONS", "20"],
+                       _confident_sparseinst),
+    "sparseinst_refiner": ("PointRend/pointrend_sparseinst_r18_giam_shapes.yaml",
+                           ["MODEL.SPARSE_INST.CLS_THRESHOLD", "0.05", "MODEL.SPARSE_INST.MAX_DETECTIONS", "20"],
+                           _confident_sparseinst),
     "fcos": ("FCOS/fcos_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.02"], None),
     "blendmask": ("BlendMask/blendmask_R18_shapes.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", "0.005"],
                   _confident_blendmask),
@@ -209,9 +215,10 @@ def assert_same_results(ref, out):
 
 # In the default suite: one method per kind of graph (FCOS's NMS, CondInst's dynamic head,
 # BlendMask's RoiAlign and pasting, PointINS's mask branch, SOLOv2's Matrix NMS, SparseInst,
-# PointRend's two stages and subdivision, a semantic model); the
+# PointRend's two stages and subdivision, SparseInst's PointRend refiner, a semantic model); the
 # others share those parts and run with -m slow (an export costs 5-10 s on 2 busy cores).
-SLOW = {"solo", "decoupled_solo", "meinst", "pointrend_semantic", "pointins_retinanet", "mask_rcnn"}
+SLOW = {"solo", "decoupled_solo", "meinst", "pointrend_semantic", "pointins_retinanet", "mask_rcnn",
+        "sparseinst_loc"}
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0][0]}x{s[0][1]}to{s[1][0]}x{s[1][1]}")
@@ -244,6 +251,8 @@ def test_predictor_equals_default_predictor(exported, tmp_path):
 # reduction on the detections)
 NO_DETECTIONS = {
     "sparseinst": ["MODEL.SPARSE_INST.CLS_THRESHOLD", "1.0"],
+    "sparseinst_loc": ["MODEL.SPARSE_INST.CLS_THRESHOLD", "1.0"],
+    "sparseinst_refiner": ["MODEL.SPARSE_INST.CLS_THRESHOLD", "1.0"],
     "fcos": ["MODEL.FCOS.INFERENCE_TH_TEST", "1.0"],
     "condinst": ["MODEL.FCOS.INFERENCE_TH_TEST", "1.0"],
     "blendmask": ["MODEL.FCOS.INFERENCE_TH_TEST", "1.0"],

@@ -120,6 +120,9 @@ def export_onnx(model: nn.Module, path: str, cfg, *, height: Optional[int] = Non
     div = graph.size_divisibility
     side = -(-int(cfg.INPUT.MIN_SIZE_TEST) // div) * div
     height, width = int(height or side), int(width or side)
+    if not graph.dynamic_size and (height % div or width % div):
+        raise ValueError(f"{type(model).__name__} exports at a fixed size that is a multiple of {div} "
+                         f"(docs/deploy.md); got {height}x{width}")
     images = torch.zeros(1, 3, height, width, device=graph.pixel_mean.device)
     output_size = torch.tensor([height, width], dtype=torch.int64)
     names = list(graph.output_names)
