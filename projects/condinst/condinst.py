@@ -25,6 +25,7 @@ from detectron2.structures.masks import polygons_to_bitmask
 
 from d2seg.fcos import ONE_STAGE_MASK_HEAD_REGISTRY, OneStageMaskHead
 from d2seg.layers import dynamic_mask_head, dynamic_mask_head_num_params
+from d2seg.layers.mask_resize import resize_and_threshold
 
 from .mask_branch import UPSAMPLING, MaskBranch, semantic_targets, upsample
 
@@ -290,8 +291,14 @@ class CondInstMaskHead(OneStageMaskHead):
         if len(rows) != len(m):
             m = m[rows]
         if len(m) and tuple(m.shape[-2:]) != (output_height, output_width):
-            m = F.interpolate(m, size=(output_height, output_width), mode="bilinear", align_corners=False)
-        elif not len(m):
+            # resized and thresholded a few masks at a time: a large photo never holds the
+            # float masks of every detection at once (d2seg.layers.mask_resize)
+            size = (output_height, output_width)
+            r.pred_masks = resize_and_threshold(
+                m, lambda c: F.interpolate(c, size=size, mode="bilinear", align_corners=False)[:, 0],
+                self.mask_threshold)
+            return r
+        if not len(m):
             m = m.new_zeros((0, 1, output_height, output_width))
         r.pred_masks = m[:, 0] > self.mask_threshold
         return r

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
 from d2seg.layers.mask_boxes import masks_to_boxes
+from d2seg.layers.mask_resize import resize_and_threshold
 from d2seg.layers.matrix_nms import mask_nms, matrix_nms
 
 __all__ = ["InferenceParams", "point_nms", "empty_instances", "postprocess_candidates"]
@@ -105,11 +106,16 @@ def postprocess_candidates(probs, scores, classes, min_areas, params, image_size
     probs, scores, classes = probs[keep[order]], scores[order], classes[order]
 
     h, w = image_size
-    full = F.interpolate(probs[None], size=tuple(padded_size), mode="bilinear",
-                         align_corners=False)[:, :, :h, :w]
-    if tuple(out_size) != (h, w):
-        full = F.interpolate(full, size=tuple(out_size), mode="bilinear", align_corners=False)
-    masks = full[0] > params.mask_thr
+
+    def resize(chunk):  # (r, Hm, Wm) -> (r, H, W): to the padded input, cropped, to the output
+        full = F.interpolate(chunk[None], size=tuple(padded_size), mode="bilinear",
+                             align_corners=False)[:, :, :h, :w]
+        if tuple(out_size) != (h, w):
+            full = F.interpolate(full, size=tuple(out_size), mode="bilinear", align_corners=False)
+        return full[0]
+
+    # a few masks at a time: a large photo never holds the float masks of every detection
+    masks = resize_and_threshold(probs, resize, params.mask_thr)
     r = Instances(tuple(out_size))
     r.pred_masks = masks
     r.scores = scores

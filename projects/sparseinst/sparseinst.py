@@ -15,6 +15,7 @@ from detectron2.structures import BitMasks, ImageList, Instances
 
 from d2seg.layers.inference_speed import fold_frozen_batchnorm, to_inference_layout
 from d2seg.layers.mask_boxes import masks_to_boxes  # noqa: F401  (also importable from here)
+from d2seg.layers.mask_resize import resize_and_threshold
 
 from .decoder import build_sparse_inst_decoder
 from .encoder import build_sparse_inst_encoder
@@ -162,11 +163,16 @@ class SparseInst(nn.Module):
             if m.shape[0]:
                 if self.mask_rescore:
                     scores = scores * maskness(m, self.mask_threshold)
-                m = F.interpolate(m[:, None], size=padded_size, mode="bilinear", align_corners=False)
-                m = m[:, :, : image_size[0], : image_size[1]]
-                if (out_h, out_w) != tuple(image_size):  # (the same size would copy, unchanged)
-                    m = F.interpolate(m, size=(out_h, out_w), mode="bilinear", align_corners=False)
-                binary = m[:, 0] > self.mask_threshold
+
+                def resize(chunk):  # (r, Hm, Wm) -> (r, H, W): to the padded input, cropped, to the output
+                    x = F.interpolate(chunk[:, None], size=padded_size, mode="bilinear", align_corners=False)
+                    x = x[:, :, : image_size[0], : image_size[1]]
+                    if (out_h, out_w) != tuple(image_size):  # (the same size would copy, unchanged)
+                        x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", align_corners=False)
+                    return x[:, 0]
+
+                # a few masks at a time: a large photo never holds every detection's float mask
+                binary = resize_and_threshold(m, resize, self.mask_threshold)
             else:
                 binary = torch.zeros(0, out_h, out_w, dtype=torch.bool, device=self.device)
             result.pred_masks = binary
