@@ -93,6 +93,8 @@ def test_validation_losses_leave_the_model_as_it_was(tmp_path):
     prepare_datasets(cfg)
     model = Trainer.build_model(cfg)
     model.eval()
+    model.roi_heads.train()  # a mix of modes comes back as it was
+    modes = {name: m.training for name, m in model.named_modules()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loader = build_detection_test_loader(cfg, "shapes_val", mapper=validation_mapper(cfg), batch_size=2)
     torch.manual_seed(0)
@@ -100,7 +102,7 @@ def test_validation_losses_leave_the_model_as_it_was(tmp_path):
     with EventStorage(0):
         losses = validation_losses(model, loader)
         assert torch.equal(torch.get_rng_state(), rng)
-        assert not model.training
+        assert {name: m.training for name, m in model.named_modules()} == modes
         for k, v in model.state_dict().items():
             assert torch.equal(v, before[k]), f"{k} changed"
         # the same numbers, batch by batch, from the model in training mode (BN frozen), under

@@ -74,8 +74,8 @@ def validation_losses(model, data_loader):
     normalisation layers with running statistics (``_BatchNorm`` in eval mode: they neither
     update their statistics from validation images nor synchronise across processes),
     under a forked random number generator (sampling in some losses leaves the training's
-    random stream untouched); its mode is restored afterwards. In distributed training each
-    process runs its share of the images and the sums are gathered.
+    random stream untouched); every module's mode is restored afterwards. In distributed
+    training each process runs its share of the images and the sums are gathered.
 
     Args:
         model (nn.Module): a Detectron2 model (or DistributedDataParallel around one).
@@ -87,12 +87,12 @@ def validation_losses(model, data_loader):
     """
     if isinstance(model, DistributedDataParallel):
         model = model.module  # no gradient synchronisation: shards may differ in length
-    was_training = model.training
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    modes = {m: m.training for m in model.modules()}  # restored exactly afterwards
     sums, count = {}, 0
     model.train()
-    for m in norms:
-        m.eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
     try:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
@@ -102,7 +102,8 @@ def validation_losses(model, data_loader):
                     sums[k] = sums.get(k, 0.0) + float(v) * len(batch)
                 count += len(batch)
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     totals, total_count = {}, 0
     for part_sums, part_count in comm.all_gather((sums, count)):
         for k, v in part_sums.items():
