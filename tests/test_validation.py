@@ -63,6 +63,14 @@ def test_validation_ap_losses_and_best_checkpoint(tmp_path, caplog):
         assert all(math.isfinite(v) and v >= 0 for v in losses.values())
         assert r["validation_loss"] == pytest.approx(sum(losses.values()))
         assert "segm/AP" in r and "bbox/AP" in r
+    # TensorBoard (Detectron2's default writers) gets the same scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = glob.glob(str(out / "events.out.tfevents.*"))
+    acc = EventAccumulator(events)
+    acc.Reload()
+    for key in ("validation_loss", "segm/AP"):
+        assert [e.step for e in acc.Scalars(key)] == [1, 4]
 
     state = json.loads((out / "model_best.json").read_text())
     aps = {h["iteration"]: h["value"] for h in state["history"]}
