@@ -38,8 +38,10 @@ def test_default_class_count_follows_the_data(three_class_dataset, caplog):
     with caplog.at_level(logging.INFO, logger="d2seg.engine.classes"):
         cfg = setup_cfg(COCO_FCOS, ["DATASETS.TRAIN", f"('{three_class_dataset}',)"])
     assert cfg.MODEL.FCOS.NUM_CLASSES == 3 and cfg.MODEL.ROI_HEADS.NUM_CLASSES == 3
-    assert any("MODEL.FCOS.NUM_CLASSES (80)" in r.getMessage() and "3 thing_classes" in r.getMessage()
-               for r in caplog.records)
+    (line,) = [r.getMessage() for r in caplog.records if "Class counts follow" in r.getMessage()]
+    # the config's own key by name, the other methods' keys (set too) counted
+    assert line == ("Class counts follow the training data: 3 thing_classes in test_three_classes_train; set "
+                    "MODEL.FCOS.NUM_CLASSES (80) (not set by the config) to 3 (and 5 class key(s) of other methods)")
     # the shapes configs set 5 = their data: unchanged
     assert setup_cfg(FCOS).MODEL.FCOS.NUM_CLASSES == 5
     # without the data's metadata (not registered) nothing changes

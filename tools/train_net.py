@@ -25,7 +25,7 @@ from detectron2.utils.logger import setup_logger
 import d2seg  # noqa: F401  (registers every method and the built-in data sets)
 from d2seg.config import flag_among_opts
 from d2seg.engine import AtomicCheckpointer, Trainer, setup_cfg
-from d2seg.engine.classes import apply_dataset_classes, keys_set_by
+from d2seg.engine.classes import apply_dataset_classes, config_class_keys
 
 
 def register_datasets(args):
@@ -41,7 +41,7 @@ def setup(args):
     cfg = setup_cfg(args.config_file, args.opts, freeze=False, follow_dataset_classes=False)
     # d2seg's log (console and OUTPUT_DIR/log.txt) before the class counts, which log what they set
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2seg")
-    apply_dataset_classes(cfg, keys_set_by(args.config_file, args.opts))
+    apply_dataset_classes(cfg, *config_class_keys(args.config_file, args.opts))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()

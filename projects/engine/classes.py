@@ -22,7 +22,7 @@ import os
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 
-__all__ = ["CLASS_KEYS", "apply_dataset_classes", "dataset_class_count", "keys_set_by"]
+__all__ = ["CLASS_KEYS", "apply_dataset_classes", "config_class_keys", "dataset_class_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +55,26 @@ def _set(cfg, key, value):
     node[leaf] = value
 
 
-def keys_set_by(config_file=None, opts=()):
-    """The class keys (of :data:`CLASS_KEYS`) that ``config_file``, its ``_BASE_`` files
-    or the ``opts`` list (KEY VALUE pairs) set, whatever the value."""
-    found = set()
+def _section(key):
+    return key.rsplit(".", 1)[0]
+
+
+def config_class_keys(config_file=None, opts=()):
+    """What a config says about the class keys of :data:`CLASS_KEYS`: (the keys that
+    ``config_file``, its ``_BASE_`` files or the ``opts`` list (KEY VALUE pairs) set,
+    whatever the value; the sections of those keys, e.g. ``MODEL.FCOS``, that they name at
+    all: the model's own class keys)."""
+    keys = {key for key, _ in CLASS_KEYS}
+    set_keys, sections = set(), set()
     if config_file:
         loaded = CfgNode.load_yaml_with_base(config_file, allow_unsafe=True)
-        found.update(key for key, _ in CLASS_KEYS if _get(loaded, key) is not None)
-    keys = {key for key, _ in CLASS_KEYS}
-    found.update(k for k in list(opts)[0::2] if k in keys)
-    return found
+        set_keys.update(key for key in keys if _get(loaded, key) is not None)
+        sections.update(_section(key) for key in keys if isinstance(_get(loaded, _section(key)), dict))
+    for k in list(opts)[0::2]:
+        if k in keys:
+            set_keys.add(k)
+        sections.update(_section(key) for key in keys if k.startswith(_section(key) + "."))
+    return set_keys, sections
 
 
 @functools.lru_cache(maxsize=64)
@@ -111,10 +121,11 @@ def dataset_class_count(dataset_names, attribute):
     return next(iter(found.values())), list(found)
 
 
-def apply_dataset_classes(cfg, explicit=()):
+def apply_dataset_classes(cfg, explicit=(), named=None):
     """Set every class-count key of ``cfg`` (mutable) that is not in ``explicit`` (the keys
-    the config sets, see :func:`keys_set_by`) to the training data's class count, and log
-    it; raise ValueError naming every explicit key with another number than the data.
+    the config sets, see :func:`config_class_keys`) to the training data's class count, and
+    log it (naming the keys whose section is in ``named``, the model's own, and counting the
+    others); raise ValueError naming every explicit key with another number than the data.
     Returns the keys changed."""
     changed, conflicts = [], []
     notes = {}
@@ -138,6 +149,10 @@ def apply_dataset_classes(cfg, explicit=()):
             + ": add '" + " ".join(f"{c[0]} {c[2]}" for c in conflicts) + "' to the command line "
             "(or remove the key from the config to follow the data)")
     for (attribute, count, names), keys in notes.items():
+        own = [k for k in keys if named is None or _section(k.split(" ")[0]) in named]
+        if not own:  # only the other methods' keys changed: nothing the model reads
+            continue
+        others = f" (and {len(keys) - len(own)} class key(s) of other methods)" if len(own) < len(keys) else ""
         logger.info(f"Class counts follow the training data: {count} {attribute} in {names}; set "
-                    f"{', '.join(keys)} (not set by the config) to {count}")
+                    f"{', '.join(own)} (not set by the config) to {count}{others}")
     return changed

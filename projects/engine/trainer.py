@@ -60,9 +60,9 @@ def setup_cfg(config_file=None, opts=(), freeze=True, follow_dataset_classes=Tru
         except (KeyError, AssertionError) as e:  # yacs asserts on unknown keys in lists
             raise KeyError(f"command line: unknown config key ({e})") from e
     if follow_dataset_classes:
-        from .classes import apply_dataset_classes, keys_set_by
+        from .classes import apply_dataset_classes, config_class_keys
 
-        apply_dataset_classes(cfg, keys_set_by(config_file, opts))
+        apply_dataset_classes(cfg, *config_class_keys(config_file, opts))
     if freeze:
         cfg.freeze()
     return cfg
