@@ -210,3 +210,28 @@ def test_every_method_has_validation_losses(config, tmp_path):
     assert set(losses["validation"]) == train_keys
     values = torch.tensor(list(losses["validation"].values()))
     assert torch.isfinite(values).all() and losses["validation_loss"] == pytest.approx(float(values.sum()))
+
+
+@pytest.mark.slow
+def test_early_stop_in_two_processes(tmp_path):
+    """Two processes (gloo): the main process decides (only it has the AP), both stop at the
+    same iteration and the run exits cleanly, with the validation losses of both shards."""
+    import subprocess
+    import sys
+
+    from conftest import TOOLS
+
+    out = tmp_path / "run"
+    argv = [sys.executable, os.path.join(TOOLS, "train_net.py"), "--config-file", FCOS, "--num-gpus", "2"]
+    argv += tiny_opts(out, max_iter=20) + [
+        "SOLVER.BASE_LR", "0.0", "TEST.EVAL_PERIOD", "1", "SOLVER.CHECKPOINT_PERIOD", "1000",
+        "SOLVER.BEST_CHECKPOINT", "('validation_loss', 'min')", "SOLVER.EARLY_STOP_PATIENCE", "1"]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    log = (out / "log.txt").read_text()
+    assert "Early stop at iteration 1" in log
+    assert "Early stop at iteration 1" in (out / "log.txt.rank1").read_text()
+    assert torch.load(out / "model_final.pth", weights_only=True)["iteration"] == 1
+    state = json.loads((out / "model_best.json").read_text())
+    assert [h["iteration"] for h in state["history"]] == [0, 1]
