@@ -118,3 +118,13 @@ def test_demo_draws_with_the_onnx_file(exported, tmp_path):
                                  "--opts"] + opts)
     assert rc == 0
     assert Image.open(out).size == (70, 50)
+
+
+def test_export_tool_benchmark_times_both_runtimes(exported):
+    """tools/export_model.py --benchmark: median seconds of PyTorch and of ONNX Runtime, one
+    thread each; the caller's thread count is restored."""
+    cfg, model, path = exported
+    threads = torch.get_num_threads()
+    t_torch, t_ort = load_tool("export_model").benchmark(model, path, cfg, 64, 64, runs=2)
+    assert 0 < t_torch < 60 and 0 < t_ort < 60
+    assert torch.get_num_threads() == threads
