@@ -57,6 +57,11 @@ def tiny_opts(output_dir, max_iter=10, **extra):
     return opts
 
 
+def square_polygon(x, y, s):
+    """The flat COCO polygon [x0, y0, x1, y1, ...] of the square of side ``s`` at (x, y)."""
+    return [x, y, x + s, y, x + s, y + s, x, y + s]
+
+
 def boxes_input(n, size=64):
     """A random image with n non-overlapping rectangular instances (20x16 px, classes
     0..4 cycling) as a Detectron2 model input; n = 0 gives an image without instances."""

@@ -23,11 +23,9 @@ from d2seg.data import (
     read_image_8bit,
 )
 
+from conftest import square_polygon
+
 SIZE = 64
-
-
-def _square(x, y, s):
-    return [x, y, x + s, y, x + s, y + s, x, y + s]
 
 
 def _good_json(n_images=3):
@@ -36,7 +34,7 @@ def _good_json(n_images=3):
     for i in range(n_images):
         for k, (x, y) in enumerate([(4, 6), (30, 28)]):
             anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1 + k,
-                         "bbox": [x, y, 20, 20], "segmentation": [_square(x, y, 20)],
+                         "bbox": [x, y, 20, 20], "segmentation": [square_polygon(x, y, 20)],
                          "area": 400, "iscrowd": 0})
     return {
         "images": [{"id": i + 1, "file_name": f"{i}.png", "height": SIZE, "width": SIZE}
@@ -124,21 +122,21 @@ def test_bad_annotations_are_counted_and_good_ones_kept_exactly(tmp_path, caplog
     data = _good_json()
     good = copy.deepcopy(data["annotations"])
     bad = [
-        {"bbox": [70, 10, 10, 10], "segmentation": [_square(70, 10, 10)]},   # right of the image
-        {"bbox": [10, -30, 10, 10], "segmentation": [_square(10, -30, 10)]},  # above it
-        {"bbox": [10, 10, 0, 10], "segmentation": [_square(10, 10, 10)]},     # zero width
+        {"bbox": [70, 10, 10, 10], "segmentation": [square_polygon(70, 10, 10)]},   # right of the image
+        {"bbox": [10, -30, 10, 10], "segmentation": [square_polygon(10, -30, 10)]},  # above it
+        {"bbox": [10, 10, 0, 10], "segmentation": [square_polygon(10, 10, 10)]},     # zero width
         {"bbox": [10, 10, 10, 10], "segmentation": []},                       # empty polygon list
         {"bbox": [10, 10, 10, 10], "segmentation": [[]]},                     # empty polygon
         {"bbox": [10, 10, 10, 10], "segmentation": [[1, 2, 3, 4]]},           # 2 points
         {"bbox": [10, 10, 10, 10], "segmentation": 5},                        # wrong type
         {"bbox": [10, 10, 10, 10], "segmentation": {"size": [SIZE, SIZE]}},   # RLE without counts
-        {"bbox": [60, 10, 10, 10], "segmentation": [_square(70, 10, 10)]},    # box in, polygon out
+        {"bbox": [60, 10, 10, 10], "segmentation": [square_polygon(70, 10, 10)]},    # box in, polygon out
     ]
     for n, fields in enumerate(bad):
         data["annotations"].append({"id": 100 + n, "image_id": 1 + n % 3, "category_id": 1,
                                     "iscrowd": 0, **fields})
     data["annotations"].append({"id": 200, "image_id": 99, "category_id": 1, "iscrowd": 0,
-                                "bbox": [1, 1, 5, 5], "segmentation": [_square(1, 1, 5)]})
+                                "bbox": [1, 1, 5, 5], "segmentation": [square_polygon(1, 1, 5)]})
     # extra fields anywhere are ignored
     data["info"] = {"year": 2024}
     data["images"][0]["license"] = 3
@@ -181,9 +179,9 @@ def test_box_and_mask_are_clipped_together(tmp_path, caplog):
     data = _good_json(1)
     data["annotations"] = [
         {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 1,
-         "bbox": [-10, -20, 100, 120], "segmentation": [_square(-10, -20, 100)]},
+         "bbox": [-10, -20, 100, 120], "segmentation": [square_polygon(-10, -20, 100)]},
         {"id": 2, "image_id": 1, "category_id": 2, "iscrowd": 0, "area": 1,
-         "bbox": [50, 54, 20, 20], "segmentation": [_square(50, 54, 20)]},
+         "bbox": [50, 54, 20, 20], "segmentation": [square_polygon(50, 54, 20)]},
     ]
     cv2.imwrite(str(tmp_path / "0.png"), np.full((SIZE, SIZE, 3), 80, np.uint8))
     recs, line = _load(tmp_path, data, caplog)

@@ -24,12 +24,10 @@ from d2seg.data import (
     register_coco_dataset,
 )
 
+from conftest import square_polygon
+
 SIZE = 64
 REPO = os.path.join(os.path.dirname(__file__), "..")
-
-
-def _square(x, y, s):
-    return [x, y, x + s, y, x + s, y + s, x, y + s]
 
 
 def _base_json(n_images=2):
@@ -41,7 +39,7 @@ def _base_json(n_images=2):
         ],
         "annotations": [
             {"id": i + 1, "image_id": i + 1, "category_id": 1 + i % 2, "bbox": [10, 10, 20, 20],
-             "segmentation": [_square(10, 10, 20)], "area": 400, "iscrowd": 0}
+             "segmentation": [square_polygon(10, 10, 20)], "area": 400, "iscrowd": 0}
             for i in range(n_images)
         ],
         "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
@@ -185,15 +183,15 @@ def _bad_annotations_json():
     empty_rle = mask_util.encode(np.asfortranarray(np.zeros((SIZE, SIZE), np.uint8)))
     empty_rle["counts"] = empty_rle["counts"].decode()
     bad = [
-        (1, {"bbox": [5, 5, 0, 10], "segmentation": [_square(5, 5, 10)]}),   # zero width
-        (1, {"bbox": [5, 5, 10, -3], "segmentation": [_square(5, 5, 10)]}),  # negative height
+        (1, {"bbox": [5, 5, 0, 10], "segmentation": [square_polygon(5, 5, 10)]}),   # zero width
+        (1, {"bbox": [5, 5, 10, -3], "segmentation": [square_polygon(5, 5, 10)]}),  # negative height
         (1, {"bbox": [5, 5, 10, 10], "segmentation": []}),                   # empty polygon list
         (1, {"bbox": [5, 5, 10, 10], "segmentation": [[1, 2, 3, 4]]}),       # < 3 points
         (2, {"bbox": [5, 5, 10, 10], "segmentation": [[1, 2, 3, 4, 5]]}),    # odd length
         (2, {"bbox": [5, 5, 10, 10], "segmentation": rle_wrong_size}),
         (2, {"bbox": [5, 5, 10, 10], "segmentation": empty_rle}),
         (2, {"bbox": [5, 5, 10, 10]}),                                       # no mask at all
-        (7, {"bbox": [5, 5, 10, 10], "segmentation": [_square(5, 5, 10)]}),  # unknown image
+        (7, {"bbox": [5, 5, 10, 10], "segmentation": [square_polygon(5, 5, 10)]}),  # unknown image
     ]
     for n, (image_id, fields) in enumerate(bad):
         data["annotations"].append(
@@ -202,7 +200,7 @@ def _bad_annotations_json():
     # a multi-part polygon with one invalid part keeps its valid part
     data["annotations"].append(
         {"id": 200, "image_id": 1, "category_id": 2, "iscrowd": 0, "bbox": [40, 40, 10, 10],
-         "segmentation": [[1, 2, 3, 4], _square(40, 40, 10)]}
+         "segmentation": [[1, 2, 3, 4], square_polygon(40, 40, 10)]}
     )
     return data
 
@@ -221,7 +219,7 @@ def test_degenerate_annotations_are_dropped_with_warning(tmp_path, caplog):
     assert recs.load_summary.num_kept == 2 and recs.load_summary.annotations_differ
     assert [len(r["annotations"]) for r in recs] == [2, 0, 0]
     kept = recs[0]["annotations"][1]
-    assert kept["segmentation"] == [_square(40, 40, 10)]
+    assert kept["segmentation"] == [square_polygon(40, 40, 10)]
 
 
 def test_uncompressed_rle_is_compressed(tmp_path):

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, REPO, TOOLS, tiny_opts
+from conftest import CONFIGS, REPO, TOOLS, load_script, square_polygon, tiny_opts
 
 MASK_RCNN = os.path.join(CONFIGS, "quick", "mask_rcnn_shapes.yaml")
 SIZE = 64
@@ -21,10 +21,6 @@ SIZE = 64
 def _run(args, timeout=600):
     return subprocess.run([sys.executable] + args, cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def _square(x, y, s):
-    return [x, y, x + s, y, x + s, y + s, x, y + s]
 
 
 def _broken_coco(folder, without_area=True):
@@ -43,16 +39,16 @@ def _broken_coco(folder, without_area=True):
         img = rng.integers(60, 120, (SIZE, SIZE, 3)).astype(np.uint8)
         x, y = 6 + 4 * i, 8
         img[y:y + 24, x:x + 24] = 230
-        add(i + 1, 1, [x, y, 24, 24], [_square(x, y, 24)])
+        add(i + 1, 1, [x, y, 24, 24], [square_polygon(x, y, 24)])
         if i % 2 == 0:
             img[40:58, 36:54] = 10
-            add(i + 1, 2, [36, 40, 18, 18], [_square(36, 40, 18)])
+            add(i + 1, 2, [36, 40, 18, 18], [square_polygon(36, 40, 18)])
         cv2.imwrite(os.path.join(folder, f"{i}.jpg"), img)
         images.append({"id": i + 1, "file_name": f"{i}.jpg", "height": SIZE, "width": SIZE})
     add(1, 2, [10, 10, 10, 10], [[10, 10, 20, 20]])                   # 2 points: pycocotools' 'bb' error
-    add(2, 1, [80, 10, 10, 10], [_square(80, 10, 10)])                # right of the image
-    add(3, 1, [-8, -8, 90, 90], [_square(-8, -8, 90)], iscrowd=1)     # larger than the image, crowd
-    add(4, 2, [30, 30, 10, 10], [_square(30, 30, 10)])
+    add(2, 1, [80, 10, 10, 10], [square_polygon(80, 10, 10)])                # right of the image
+    add(3, 1, [-8, -8, 90, 90], [square_polygon(-8, -8, 90)], iscrowd=1)     # larger than the image, crowd
+    add(4, 2, [30, 30, 10, 10], [square_polygon(30, 30, 10)])
     if without_area:
         del anns[-1]["area"]
     path = os.path.join(folder, "train.json")
@@ -153,17 +149,8 @@ def test_train_net_on_a_broken_coco_file(tmp_path):
     assert np.abs(deep - ramp.astype(float) * 255 / 65535).mean() < 3
 
 
-def _tool(name):
-    """The module of tools/<name>.py (imported, as tools/gallery.py imports demo)."""
-    sys.path.insert(0, TOOLS)
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(TOOLS)
-
-
 def test_flag_after_key_value_pairs_says_so(capsys):
-    parse_args = _tool("train_net").parse_args
+    parse_args = load_script("tools/train_net.py").parse_args
     with pytest.raises(SystemExit) as info:
         parse_args(["--config-file", MASK_RCNN, "SOLVER.MAX_ITER", "3", "--resume"])
     err = capsys.readouterr().err
@@ -173,13 +160,13 @@ def test_flag_after_key_value_pairs_says_so(capsys):
     assert args.resume and args.opts == ["SOLVER.MAX_ITER", "3"]
     # the demo's --opts likewise
     with pytest.raises(SystemExit):
-        _tool("demo").main(["--config-file", MASK_RCNN, "--input", "x.jpg", "--output", "o",
+        load_script("tools/demo.py").main(["--config-file", MASK_RCNN, "--input", "x.jpg", "--output", "o",
                             "--opts", "MODEL.WEIGHTS", "w.pth", "--scale", "2"])
     assert "--scale is placed after the --opts KEY VALUE config overrides" in capsys.readouterr().err
 
 
 def test_demo_keeps_results_of_inputs_with_the_same_stem():
-    demo = _tool("demo")
+    demo = load_script("tools/demo.py")
     paths = ["in/photo.jpg", "in/photo.png", "in/other.jpg", "a/x.jpg", "b/x.jpg", "in/Photo.JPG"]
     names = demo.output_names(paths)
     assert len(set(names)) == len(names)
