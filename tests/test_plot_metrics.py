@@ -3,14 +3,12 @@ at TEST.EVAL_PERIOD), drawn as two runs: one PNG, the curves drawn are the logge
 runs labelled apart, clear errors."""
 import json
 import os
-import sys
 
 import pytest
 
-from conftest import CONFIGS, TOOLS, tiny_opts
+from conftest import CONFIGS, load_script, tiny_opts
 
-sys.path.insert(0, TOOLS)
-import plot_metrics  # noqa: E402
+plot_metrics = load_script("tools/plot_metrics.py")
 
 FCOS = os.path.join(CONFIGS, "FCOS", "fcos_R18_shapes.yaml")
 
