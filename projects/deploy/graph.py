@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["ExportGraph", "InstancesGraph", "SemSegGraph", "register_graph", "graph_for", "topk_at_most",
-           "clip_boxes", "rescale_boxes", "GRAPHS"]
+           "clip_boxes", "rescale_boxes", "crop_and_resize", "GRAPHS"]
 
 # meta-architecture class -> function(model) -> ExportGraph
 GRAPHS: Dict[Type[nn.Module], Callable[[nn.Module], "ExportGraph"]] = {}

@@ -9,7 +9,6 @@ Both check the file's d2seg metadata (written by :func:`d2seg.deploy.export_onnx
 that d2seg did not export, one converted to another opset, or one exported from another
 model than the config given, stops with an error that says which.
 """
-import logging
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -23,8 +22,6 @@ from detectron2.structures import Boxes, Instances
 from .export import METADATA_VERSION, config_digest, method_name
 
 __all__ = ["ONNXModel", "ONNXPredictor", "read_metadata"]
-
-logger = logging.getLogger(__name__)
 
 
 def read_metadata(path: str) -> Dict[str, str]:
