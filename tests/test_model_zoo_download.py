@@ -356,6 +356,19 @@ def test_cli_download_fills_another_cache(server, cache, entry, tmp_path, capsys
     assert zoo_main(["download", "clitest/nothing*"]) == 2
 
 
+def test_cli_download_to_a_relative_folder_prints_its_absolute_path(server, cache, entry, tmp_path,
+                                                                     capsys, monkeypatch):
+    """The printed ``export D2SEG_CACHE=...`` is for other machines and job scripts, which
+    do not start in this folder."""
+    _, base = server
+    _Handler.routes["/a.pth"] = Route(BODY)
+    entry("clitest/a", base + "/a.pth", sha(BODY))
+    monkeypatch.chdir(tmp_path)
+    assert zoo_main(["download", "clitest/a", "--to", "shared"]) == 0
+    assert f"export D2SEG_CACHE={tmp_path / 'shared'}\n" in capsys.readouterr().out
+    assert files(tmp_path / "shared") == [os.path.join("zoo", "clitest", "a", "a.pth")]
+
+
 def test_fcos_r50_entry_needs_no_opt_in_and_tries_the_hugging_face_mirrors(server, cache):
     """The real d2seg://adelaidet/FCOS_R_50_1x: pinned (no environment variable), fetched from
     Hugging Face ``resolve/main`` URLs, tianzhi/AdelaiDet-FCOS first, ZjuCv/AdelaiDet second.

@@ -13,6 +13,7 @@ uses are verified against it) and prints the sha256 to add to the registry.
 import argparse
 import fnmatch
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -62,7 +63,7 @@ def _download(args) -> int:
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
-    root = args.to or cache_dir()
+    root = os.path.abspath(args.to) if args.to else cache_dir()  # absolute: printed for other machines
     failed = 0
     for name in names:
         try:
