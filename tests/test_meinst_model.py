@@ -283,6 +283,29 @@ def test_encoding_follows_the_training_data(tmp_path, caplog):
         unregister()
 
 
+def test_encoding_is_learnt_by_each_machines_main_process(tmp_path, monkeypatch):
+    """Several machines: the main process of a machine other than the first (local rank 0,
+    not the global main process) learns the missing encoding itself, since the machines need
+    not share DETECTRON2_DATASETS; the other processes of a machine wait and read it."""
+    from detectron2.utils import comm
+
+    from d2seg.meinst.learn import default_encoding_path, encoding_for_config
+
+    unregister = _register_own_data(tmp_path, "_meinst_machine2", [2, 4])
+    try:
+        cfg = _cfg("", "DATASETS.TRAIN", "('_meinst_machine2',)")
+        path = default_encoding_path(cfg)
+        monkeypatch.setattr(comm, "synchronize", lambda: None)
+        monkeypatch.setattr(comm, "is_main_process", lambda: False)
+        monkeypatch.setattr(comm, "get_local_rank", lambda: 1)
+        with pytest.raises(FileNotFoundError):  # another process of this machine: waits and reads
+            encoding_for_config(cfg)
+        monkeypatch.setattr(comm, "get_local_rank", lambda: 0)
+        assert encoding_for_config(cfg).num_masks == 4 and os.path.isfile(path)
+    finally:
+        unregister()
+
+
 def test_masks_without_variance_give_unscaled_codes():
     """Training masks that all fill their boxes (a data set whose masks are its boxes) have
     no variance: whitening would divide the targets' clamp noise by ~0 (codes ~1e6, a loss

@@ -248,6 +248,16 @@ def _check_source(params: MaskEncodingParams, path: str, cfg) -> None:
         )
 
 
+def _learns_here() -> bool:
+    """Whether this process learns a missing encoding: the main process of its machine
+    (Detectron2's per-machine group, which its launcher and tools/train_net.py set up), or
+    the global main process where that group does not exist."""
+    try:
+        return comm.get_local_rank() == 0
+    except AssertionError:  # torch.distributed initialised without Detectron2's local group
+        return comm.is_main_process()
+
+
 def encoding_for_config(cfg) -> MaskEncodingParams:
     """The encoding a config asks for, following the training data:
 
@@ -277,8 +287,9 @@ def encoding_for_config(cfg) -> MaskEncodingParams:
             raise KeyError(f"MEInst: the mask encoding's data set {missing[0]!r} (MODEL.MEINST."
                            f"ENCODING_DATASET or DATASETS.TRAIN) is not a registered data set.")
         path = path or default_encoding_path(cfg)
-        # in distributed training the main process learns it, the others wait and read it
-        if not os.path.isfile(path) and comm.is_main_process():
+        # in distributed training one process per machine learns it (the machines need not
+        # share DETECTRON2_DATASETS; the file is written atomically), the others wait and read it
+        if not os.path.isfile(path) and _learns_here():
             source = "+".join(names)
             logger.info(f"MEInst: learning the mask encoding from {source} into {path}")
             records = itertools.chain.from_iterable(DatasetCatalog.get(n) for n in names)
