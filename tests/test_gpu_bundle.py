@@ -85,14 +85,15 @@ def _dist(site, name, version, requires=()):
     return {"file": f"{name}-{version}-py3-none-any.whl", "name": name, "version": version, "bytes": 1}
 
 
-def _check(bundle, site, python=None):
-    """`gpu_bundle.py check` as the offline script runs it: the install folder on PYTHONPATH."""
+def _check(bundle, site, python=None, pythonpath=None, extra=()):
+    """`gpu_bundle.py check` as the offline script runs it: the install folder on PYTHONPATH
+    (or ``pythonpath``), the manifest's Python this one's unless ``python``."""
     manifest = json.loads((bundle / "bundle.json").read_text())
     manifest["python"] = python or "{}.{}".format(*sys.version_info[:2])
     (bundle / "bundle.json").write_text(json.dumps(manifest))
     return subprocess.run([sys.executable, os.path.join(REPO, "tools", "gpu_bundle.py"), "check", "--bundle",
-                           str(bundle), "--target", str(site)], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(site)))
+                           str(bundle), "--target", str(site), *extra], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=pythonpath or str(site)))
 
 
 def test_check_names_each_unmet_requirement(tmp_path):
@@ -123,14 +124,26 @@ def test_check_sees_a_bundled_package_shadowed_by_another_copy(tmp_path):
     _dist(other, "demo-a", "0.5")  # an older copy earlier on the path
     wheels = [_dist(site, "demo-a", "1.0")]
     (bundle / "bundle.json").write_text(json.dumps({"python": "", "wheels": wheels, "machine_requirements": {}}))
-    manifest = json.loads((bundle / "bundle.json").read_text())
-    manifest["python"] = "{}.{}".format(*sys.version_info[:2])
-    (bundle / "bundle.json").write_text(json.dumps(manifest))
-    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "gpu_bundle.py"), "check", "--bundle",
-                          str(bundle), "--target", str(site)], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=f"{other}{os.pathsep}{site}"))
+    out = _check(bundle, site, pythonpath=f"{other}{os.pathsep}{site}")
     assert out.returncode == 1
     assert "demo-a: Python finds 0.5" in out.stderr and "first on PYTHONPATH" in out.stderr
+
+
+def test_check_leaves_out_a_wheel_the_install_skipped(tmp_path):
+    """gpu_offline.sh does not install the bundle's Detectron2 where `import detectron2`
+    works already, and passes --skipped for it: the check then does not ask for that wheel
+    (it failed on every such machine)."""
+    site, bundle = tmp_path / "site", tmp_path / "bundle"
+    bundle.mkdir()
+    wheels = [_dist(site, "demo-a", "1.0"),
+              {"file": "sal_detectron2-0.7.2+pyonly-py3-none-any.whl", "name": "sal-detectron2",
+               "version": "0.7.2+pyonly", "bytes": 1}]
+    (bundle / "bundle.json").write_text(json.dumps({"python": "", "wheels": wheels, "machine_requirements": {}}))
+    assert "sal-detectron2 (bundled" in _check(bundle, site).stderr
+    out = _check(bundle, site, extra=["--skipped", "sal-detectron2"])
+    assert out.returncode == 0 and "every requirement" in out.stdout, out.stderr
+    script = open(os.path.join(REPO, "tools", "gpu_offline.sh")).read()
+    assert "SKIPPED=(--skipped sal-detectron2)" in script and '"${SKIPPED[@]}"' in script
 
 
 def test_requirements_split_between_the_bundle_and_the_machine(tmp_path, gb):
