@@ -5,6 +5,7 @@ import logging
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -135,3 +136,44 @@ def test_tool_names_a_missing_weights_file(tmp_path, capsys):
     config = os.path.join(REPO, "configs", "FCOS", "fcos_R18_shapes.yaml")
     assert tool.main(["--model", config, str(tmp_path / "nope.pth"), "--output", str(tmp_path)]) == 2
     assert "nope.pth" in capsys.readouterr().err
+
+
+def test_images_are_read_as_training_reads_them(tmp_path, monkeypatch):
+    """A 16-bit grayscale image of the test set reaches the model scaled to 8 bits, as in
+    training, evaluation and the demo (Detectron2's read_image saturated it to white)."""
+    import json
+    from types import SimpleNamespace
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from d2seg.data import register_coco_dataset
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    (tmp_path / "ann.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "deep.png", "height": 64, "width": 64}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 20, 20], "iscrowd": 0,
+                         "area": 400, "segmentation": [[8, 8, 28, 8, 28, 28, 8, 28]]}],
+        "categories": [{"id": 1, "name": "thing"}]}))
+    register_coco_dataset("_gallery_deep", tmp_path / "ann.json", tmp_path)
+    config = tmp_path / "deep.yaml"
+    config.write_text(f"_BASE_: {os.path.join(REPO, 'configs', 'FCOS', 'fcos_R18_shapes.yaml')}\n"
+                      "DATASETS:\n  TEST: ('_gallery_deep',)\n")
+
+    class Seen(Exception):
+        pass
+
+    def predictor(image):
+        raise Seen(image)
+
+    monkeypatch.setattr(tool.demo, "build_predictor", lambda cfg, weights: predictor)
+    try:
+        with pytest.raises(Seen) as seen:
+            tool.run_model(str(config), "unused.pth", SimpleNamespace(device="cpu", num=1),
+                           logging.getLogger("test"))
+    finally:
+        DatasetCatalog.remove("_gallery_deep")
+        MetadataCatalog.remove("_gallery_deep")
+    image = seen.value.args[0]
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert np.abs(image[0, :, 0].astype(float) - ramp[0] * 255.0 / 65535).max() <= 1

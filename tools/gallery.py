@@ -32,7 +32,7 @@ import sys
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import annotations_to_instances, read_image
+from detectron2.data.detection_utils import annotations_to_instances
 from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.logger import setup_logger
 from PIL import Image
@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402  (tools/demo.py: the same drawing as the demo)
 
 import d2seg  # noqa: E402,F401  (registers every method and the built-in data sets)
-from d2seg.data import prepare_datasets  # noqa: E402
+from d2seg.data import prepare_datasets, read_image_8bit  # noqa: E402
 from d2seg.engine import setup_cfg  # noqa: E402
 
 HEADER = ("| config | threshold | objects | right class | wrong class | missed | unmatched drawn | IoU |\n"
@@ -168,7 +168,7 @@ def run_model(config, weights, args, logger):
     records = DatasetCatalog.get(name)[: args.num]
     seen = []
     for rec in records:
-        image = read_image(rec["file_name"], format="BGR")
+        image = read_image_8bit(rec["file_name"], format="BGR")  # as training and the demo: 16 bits scaled
         seen.append((rec, image, predictor(image)))
     semantic = all("sem_seg" in pred and "instances" not in pred for _, _, pred in seen)
     if semantic:
