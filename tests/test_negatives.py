@@ -57,8 +57,8 @@ def _semantic_input(label):
 
 
 def _train_step(model, batch):
-    """One training forward + backward; the loss dict and whether any gradient is non-zero
-    or every gradient is finite."""
+    """One training forward + backward; checks that the backward reaches some parameter and
+    that every gradient is finite, and returns the loss dict."""
     model.zero_grad(set_to_none=True)
     with EventStorage():
         losses = model(batch)
