@@ -153,3 +153,14 @@ def test_a_job_past_its_limit_is_killed_with_its_children(tmp_path, lib):
     r = job.result()
     assert r["timed_out"] and r["log"].endswith("j.log")
     assert "started" in lib.process.tail(job.log_path)
+    # what a stage reports of it: both problems, the log's tail, status fail
+    problems = lib.process.limit_and_exit_problems(job)
+    assert problems == ["time limit of 1 s reached", f"exit status {job.rc}"]
+    section = lib.process.conclude({}, problems, job, 5)
+    assert section["status"] == "fail" and section["problems"] == problems and "started" in section["log_tail"]
+
+
+def test_a_clean_job_concludes_as_passed(tmp_path, lib):
+    job = lib.process.Job("ok", ["bash", "-c", "echo fine"], str(tmp_path / "ok.log"), timeout=30.0).wait()
+    assert lib.process.limit_and_exit_problems(job) == []
+    assert lib.process.conclude({"rows": 1}, [], job, 5) == {"rows": 1, "status": "pass", "problems": []}

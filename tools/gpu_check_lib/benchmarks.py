@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from .process import Job, child_env, log, rel, tail
+from .process import Job, child_env, conclude, limit_and_exit_problems, log, rel
 
 BENCH_OPS_LIMIT_S = 150
 
@@ -32,19 +32,12 @@ def stage_bench_ops(work, smoke, budget):
         with open(json_path) as f:
             data = json.load(f)
         out["rows"], out["setup"] = data["rows"], data.get("setup")
-    problems = []
-    if job.timed_out:
-        problems.append(f"time limit of {job.timeout:.0f} s reached")
-    if job.rc != 0:
-        problems.append(f"exit status {job.rc}")
+    problems = limit_and_exit_problems(job)
     if not out["rows"]:
         problems.append("no rows measured")
     out["slower_than_composite"] = [f"{r['op']} {r['mode']} ({r['dtype']}): {r['speedup']:.2f}x"
                                     for r in out["rows"] if r.get("speedup", 1.0) < 1.0]  # rows without one were skipped
-    out["status"] = "fail" if problems else "pass"
-    out["problems"] = problems
-    if problems:
-        out["log_tail"] = tail(job.log_path, 15)
+    conclude(out, problems, job, 15)
     log(f"bench_ops: {out['status'].upper()} - {len(out['rows'])} rows in {out['wall_s']:.0f} s"
         + (f"; slower than the composite: {len(out['slower_than_composite'])}" if out["slower_than_composite"] else "")
         + (f" ({'; '.join(problems)})" if problems else ""))
@@ -107,10 +100,7 @@ def stage_bench(work, smoke, configs, opts, time_left):
         problems.append(f"time limit of {job.timeout:.0f} s reached")
     elif job.rc not in (0, 1):
         problems.append(f"exit status {job.rc}")
-    out["status"] = "fail" if problems else "pass"
-    out["problems"] = problems
-    if problems:
-        out["log_tail"] = tail(job.log_path, 15)
+    conclude(out, problems, job, 15)
     log(f"bench: {out['status'].upper()} - {len(out['rows'])} config(s) measured in {out['wall_s']:.0f} s"
         + (f", {len(out['not_measured'])} not reached in time" if out["not_measured"] else "")
         + (f" ({'; '.join(problems)})" if problems else ""))

@@ -8,7 +8,7 @@ import os
 import sys
 import xml.etree.ElementTree as ET
 
-from .process import REPO, Job, child_env, log, rel, tail
+from .process import REPO, Job, child_env, conclude, log, rel
 
 GPU_TESTS = "tests/test_gpu_ops.py"
 LIMIT_S = 300
@@ -114,13 +114,10 @@ def finish_tests(job, smoke):
             problems.append(f"{c['skipped']} skipped on a GPU machine")
         if job.rc not in (0,) and not problems:
             problems.append(f"pytest exit status {job.rc}")
-    out["status"] = "fail" if problems else "pass"
-    out["problems"] = problems
+    conclude(out, problems, job, 30)
     if c:
         log(f"tests: {out['status'].upper()} - {c['passed']} passed, {c['failed']} failed, {c['errors']} errors, "
             f"{c['skipped']} skipped in {out['wall_s']:.0f} s" + (f" ({'; '.join(problems)})" if problems else ""))
     else:
         log(f"tests: FAIL - {'; '.join(problems)}")
-    if problems:
-        out["log_tail"] = tail(job.log_path, 30)
     return out

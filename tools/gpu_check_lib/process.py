@@ -91,6 +91,27 @@ class Job:
                 "wall_s": round(self.wall_s or 0.0, 1), "log": rel(self.log_path)}
 
 
+def limit_and_exit_problems(job):
+    """The problems of a finished job's process itself: its time limit reached, a non-zero
+    exit status (a job killed at its limit has both)."""
+    problems = []
+    if job.timed_out:
+        problems.append(f"time limit of {job.timeout:.0f} s reached")
+    if job.rc != 0:
+        problems.append(f"exit status {job.rc}")
+    return problems
+
+
+def conclude(section, problems, job, tail_lines):
+    """Set a report section's status ("fail" when there are problems, else "pass") and
+    problems, and with problems the last `tail_lines` lines of the job's log. Returns it."""
+    section["status"] = "fail" if problems else "pass"
+    section["problems"] = problems
+    if problems:
+        section["log_tail"] = tail(job.log_path, tail_lines)
+    return section
+
+
 def tail(path, n=15):
     """The last `n` lines of a log file ("" if unreadable)."""
     try:

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .process import REPO, Job, child_env, fmt, log, rel, tail
+from .process import REPO, Job, child_env, conclude, fmt, limit_and_exit_problems, log, rel
 
 LIMITS = {"prepare_data": 180, "train": 300, "train_config": 240}
 TRAIN_OPTS_GPU = ["SOLVER.AMP.ENABLED", "True", "MODEL.DEVICE", "cuda", "SOLVER.MAX_ITER", "50", "SOLVER.STEPS", "()"]
@@ -114,11 +114,7 @@ def stage_train(work, configs, opts, jobs, smoke, max_iter, budget):
                 continue
             running.remove(item)
             r = {"config": rel(cfg), **job.result(), **read_metrics(os.path.join(run_dir, "metrics.json"))}
-            problems = []
-            if job.timed_out:
-                problems.append(f"time limit of {job.timeout:.0f} s reached")
-            if job.rc != 0:
-                problems.append(f"exit status {job.rc}")
+            problems = limit_and_exit_problems(job)
             losses = r.get("final_losses")
             r["losses_finite"] = bool(losses) and all(finite(v) for v in losses.values())
             if not losses:
@@ -129,11 +125,7 @@ def stage_train(work, configs, opts, jobs, smoke, max_iter, budget):
                 problems.append(f"reached iteration {r.get('iterations', 0)} of {max_iter}")
             if not any(k in r for k in ("box_AP", "mask_AP", "mIoU")):
                 problems.append("no evaluation result in metrics.json")
-            if problems:
-                r["log_tail"] = tail(job.log_path, 12)
-            r["status"] = "fail" if problems else "pass"
-            r["problems"] = problems
-            results[cfg] = r
+            results[cfg] = conclude(r, problems, job, 12)
             log(f"train [{len(results)}/{len(configs)}] {rel(cfg)}: {r['status'].upper()} in {r['wall_s']:.0f} s"
                 + (f", loss {losses.get('total_loss'):.3f}" if losses and finite(losses.get("total_loss")) else "")
                 + "".join(f", {k} {fmt(r[k])}" for k in ("box_AP", "mask_AP", "mIoU") if k in r)
