@@ -165,6 +165,25 @@ def test_nothing_outside_the_repository(name):
     assert not problems, "\n".join(problems)
 
 
+def test_every_script_is_listed_in_its_folders_readme():
+    """Each script (or package) that git tracks directly in tools/ or in a folder of dev/ is
+    named in that folder's README.md, as `name` (a package also as `name/`)."""
+    tracked = _tracked()
+    if tracked is None:
+        pytest.skip("not a git checkout")
+    folders = ["tools"] + sorted(os.path.dirname(p) for p in tracked if re.fullmatch(r"dev/[^/]+/README\.md", p))
+    assert "dev/bench" in folders and "dev/reference" in folders
+    missing = []
+    for folder in folders:
+        readme = _read(f"{folder}/README.md")
+        for entry in sorted(p for p in tracked if os.path.dirname(p) == folder):
+            name = os.path.basename(entry)
+            listed = f"`{name}`" in readme or f"`{name}/`" in readme  # a package as `name/`
+            if name != "README.md" and not name.startswith((".", "__")) and not listed:
+                missing.append(f"{folder}/README.md does not list `{name}`")
+    assert not missing, "\n".join(missing)
+
+
 def test_the_checks_catch_what_they_should():
     """The checkers themselves: each kind of broken reference is reported, and the
     correct forms are not."""
