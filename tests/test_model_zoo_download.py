@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -235,6 +236,20 @@ def test_404_on_the_first_mirror_falls_to_the_second(server, cache, entry, caplo
         assert open(e.fetch(**FAST), "rb").read() == BODY
     assert [h[0] for h in _Handler.hits] == ["/mirror1/w.pth", "/mirror2/w.pth"]  # no retry of a 404
     assert "HTTP 404" in caplog.text and "Trying the next mirror" in caplog.text
+
+
+def test_a_host_that_does_not_resolve_fails_without_waiting(server, cache, entry, caplog):
+    """No network (or DNS): the mirror fails at once, without the back-off meant for dropped
+    connections (2 mirrors x 15 s of waiting on an offline compute node), and the next
+    mirror is tried."""
+    _, base = server
+    _Handler.routes["/w.pth"] = Route(BODY)
+    e = entry("test/nodns", ("http://d2seg-test.invalid/w.pth", base + "/w.pth"), sha(BODY))
+    t0 = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="d2seg.model_zoo.download"):
+        assert os.path.isfile(e.fetch(backoff=5.0, timeout=10.0))
+    assert time.monotonic() - t0 < 5.0
+    assert "cannot resolve 'd2seg-test.invalid'" in caplog.text and "retrying" not in caplog.text
 
 
 def test_5xx_is_retried_then_the_next_mirror(server, cache, entry):

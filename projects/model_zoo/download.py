@@ -12,7 +12,8 @@ onto ``dst`` only when it is complete and its sha256 is the expected one:
 - **redirects** are followed (Hugging Face's ``resolve/main`` URLs redirect to a CDN);
 - **resume**: an interrupted transfer continues from its ``.part`` with an HTTP ``Range``
   request, within the same call (a dropped connection is retried with exponential
-  back-off) and across calls (the ``.part`` of a transfer cut by a network failure stays);
+  back-off; a host name that does not resolve is not, so that a machine without network
+  fails at once) and across calls (the ``.part`` of a transfer cut by a network failure stays);
   a server that ignores ``Range`` is read again from the start;
 - **verification**: the sha256 of the whole file is checked before it is renamed; a wrong
   file is deleted (neither ``dst`` nor its ``.part`` is left), and so is a ``.part`` longer
@@ -285,6 +286,10 @@ def _fetch_part(url: str, part: str, size: Optional[int], name: str, timeout: fl
                 raise _MirrorFailed(f"{url}: HTTP {e.code} {e.reason}") from e
             why = f"HTTP {e.code}"
         except _RETRYABLE as e:
+            if isinstance(e, urllib.error.URLError) and isinstance(e.reason, socket.gaierror):
+                # the host's name does not resolve (no network or DNS here): waiting will not help
+                raise _MirrorFailed(f"{url}: cannot resolve {urlparse(url).hostname!r} ({e.reason}); "
+                                    f"no network here?") from e
             if attempt >= retries:
                 raise _MirrorFailed(f"{url}: {type(e).__name__}: {getattr(e, 'reason', None) or e} "
                                     f"(gave up after {retries + 1} attempts)") from e
