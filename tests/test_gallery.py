@@ -1,6 +1,5 @@
 """tools/gallery.py: the matching that counts what a model got right (by hand), and the tool
 end to end on freshly initialised models (real checkpoint files, real shapes data)."""
-import importlib.util
 import logging
 import os
 
@@ -13,10 +12,9 @@ import d2seg  # noqa: F401
 from detectron2.structures import BoxMode, Boxes, Instances
 from d2seg.engine import Trainer, setup_cfg
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("gallery_tool", os.path.join(REPO, "tools", "gallery.py"))
-tool = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tool)
+from conftest import REPO, load_script
+
+tool = load_script("tools/gallery.py")
 
 
 def test_greedy_matching_counts_right_wrong_missed_and_duplicates():
