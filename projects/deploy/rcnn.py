@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from detectron2.modeling import GeneralizedRCNN
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import Boxes, ImageList
 
 from d2seg.layers.point_features import point_sample
 from d2seg.pointrend.mask_head import D2SegPointRendMaskHead, _class_channel, _flat
@@ -25,7 +25,7 @@ from d2seg.pointrend.subdivision import instance_uncertainty, subdivide
 from .graph import InstancesGraph, register_graph, rescale_boxes
 from .masks import paste_masks
 
-__all__ = ["RCNNGraph", "pointrend_mask_probs"]
+__all__ = ["RCNNGraph", "pointrend_mask_probs", "rcnn_mask_probs"]
 
 
 def _sample(maps: List[Tensor], strides: List[int], boxes: Tensor, box_points: Tensor) -> Tensor:
@@ -70,6 +70,18 @@ def pointrend_mask_probs(head: D2SegPointRendMaskHead, features: Dict[str, Tenso
     return logits[:-1, 0].sigmoid()
 
 
+def rcnn_mask_probs(roi_heads, features: Dict[str, Tensor], boxes: Tensor, classes: Tensor) -> Tensor:
+    """Detectron2's mask head (``StandardROIHeads._forward_mask`` and ``mask_rcnn_inference``)
+    for one image: boxes (R, 4), classes (R,) -> (R, M, M) probabilities of each detection's
+    class. Without their Python list of detections per image (a constant once traced), and with
+    a region more, dropped after the head (its GroupNorm's reshape cannot run with R = 0)."""
+    boxes = torch.cat([boxes, boxes.new_tensor([[0.0, 0.0, 1.0, 1.0]])])
+    classes = torch.cat([classes, classes.new_zeros(1)])
+    pooled = roi_heads.mask_pooler([features[f] for f in roi_heads.mask_in_features], [Boxes(boxes)])
+    logits = roi_heads.mask_head.layers(pooled)  # (R + 1, K or 1, M, M)
+    return _class_channel(logits, classes)[:-1, 0].sigmoid()
+
+
 class RCNNGraph(InstancesGraph):
     """A GeneralizedRCNN's inference as a graph (module doc)."""
 
@@ -90,12 +102,8 @@ class RCNNGraph(InstancesGraph):
             head = m.roi_heads.mask_head
             if isinstance(head, D2SegPointRendMaskHead):
                 probs = pointrend_mask_probs(head, features, boxes, classes)
-            else:  # Detectron2's mask head: (R, 1, M, M) probabilities of the detected class, with
-                # a region more dropped after it (its GroupNorm's reshape cannot run with R = 0)
-                padded = Instances(r.image_size)
-                padded.pred_boxes = Boxes(torch.cat([boxes, boxes.new_tensor([[0.0, 0.0, 1.0, 1.0]])]))
-                padded.pred_classes = torch.cat([classes, classes.new_zeros(1)])
-                probs = m.roi_heads._forward_mask(features, [padded])[0].pred_masks[:-1, 0]
+            else:
+                probs = rcnn_mask_probs(m.roi_heads, features, boxes, classes)
             outputs += (paste_masks(probs[keep], out_boxes[keep], output_size, 0.5),)
         return outputs
 
