@@ -315,3 +315,55 @@ def test_float_image_is_refused_clearly(tmp_path):
         tmp_path / "f.tif")
     with pytest.raises(ImageReadError, match=r"f\.tif.*floating-point image.*8-bit"):
         _mapper()(_record(tmp_path / "f.tif", SIZE, SIZE))
+
+
+# ----------------------------------------------------------------------------------------
+# evaluation on what the loader kept
+# ----------------------------------------------------------------------------------------
+def _evaluate(tmp_path, data, tasks):
+    """CheckedCOCOEvaluator on ``data`` registered as a data set, with one prediction (box
+    and mask) on each image."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.structures import Boxes, Instances
+
+    from d2seg.data import CheckedCOCOEvaluator, register_coco_dataset
+
+    register_coco_dataset("_fuzz_eval", _write(tmp_path, data), str(tmp_path))
+    try:
+        ev = CheckedCOCOEvaluator("_fuzz_eval", tasks=tasks, output_dir=None)
+        ev.reset()
+        for img in data["images"]:
+            inst = Instances((SIZE, SIZE))
+            inst.pred_boxes = Boxes(torch.tensor([[4.0, 6.0, 24.0, 26.0]]))
+            inst.scores, inst.pred_classes = torch.tensor([0.9]), torch.tensor([0])
+            inst.pred_masks = torch.zeros(1, SIZE, SIZE, dtype=torch.bool)
+            inst.pred_masks[0, 6:26, 4:24] = True
+            ev.process([{"image_id": img["id"], "height": SIZE, "width": SIZE}], [{"instances": inst}])
+        return ev.evaluate()
+    finally:
+        DatasetCatalog.remove("_fuzz_eval")
+        MetadataCatalog.remove("_fuzz_eval")
+
+
+@pytest.mark.parametrize("tasks", [("bbox", "segm"), None], ids=["trainer-tasks", "tasks-from-predictions"])
+@pytest.mark.parametrize("segmentation", ["empty list", "absent"])
+@pytest.mark.parametrize("dropped", [False, True], ids=["clean", "one-dropped"])
+def test_box_only_ground_truth_is_evaluated_on_boxes(tmp_path, tasks, segmentation, dropped):
+    """A box-only data set (which the loader accepts) with a mask model: pycocotools' mask
+    evaluation crashed at the end of a training (KeyError 'segmentation' or IndexError);
+    the boxes are evaluated, the masks are not."""
+    data = _good_json()
+    for a in data["annotations"]:
+        if segmentation == "empty list":
+            a["segmentation"] = []
+        else:
+            del a["segmentation"]
+    if dropped:
+        data["annotations"][-1]["bbox"] = [100, 100, 5, 5]  # outside: the records differ from the file
+    results = _evaluate(tmp_path, data, tasks)
+    assert set(results) == {"bbox"} and results["bbox"]["AP"] > 0
+
+
+def test_ground_truth_with_masks_is_evaluated_on_masks_too(tmp_path):
+    results = _evaluate(tmp_path, _good_json(), ("bbox", "segm"))
+    assert set(results) == {"bbox", "segm"} and results["segm"]["AP"] > 0
