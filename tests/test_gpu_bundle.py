@@ -172,6 +172,18 @@ def test_offline_script_refuses_without_a_bundle(tmp_path):
     assert not (tmp_path / "site").exists()  # nothing was installed
 
 
+def test_offline_script_takes_relative_paths_from_where_it_runs(tmp_path):
+    """`bash /path/to/checkout/tools/gpu_offline.sh report` run elsewhere writes ./report
+    there (the script works from the checkout, but a path the caller gives is the caller's)."""
+    out = subprocess.run(["bash", os.path.join(REPO, "tools", "gpu_offline.sh"), "report"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHON=sys.executable, GPU_BUNDLE="missing_bundle"))
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert f"no bundle at {tmp_path / 'missing_bundle'}" in out.stdout
+    assert (tmp_path / "report" / "offline.json").is_file()
+    assert not os.path.exists(os.path.join(REPO, "report"))
+
+
 def test_make_targets_run_the_scripts():
     out = subprocess.run(["make", "-n", "gpu-bundle", "test-gpu-offline"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -22,16 +22,18 @@
 # D2SEG_TARGET (default /tmp/d2seg-offline), GPU_OFFLINE_BUDGET_S, GPU_OFFLINE_BUILD_TIMEOUT_S
 # (default 420), MAX_JOBS (default: every core).
 set -uo pipefail
-cd "$(dirname "$0")/.."
 START=$SECONDS
 PY=${PYTHON:-python3}
-BUNDLE=$(realpath -m "${GPU_BUNDLE:-gpu_bundle}")
+# paths given by the caller are relative to where it runs; the defaults to the checkout
+REPO=$(realpath -m "$(dirname "$0")/..")
+BUNDLE=$(realpath -m "${GPU_BUNDLE:-$REPO/gpu_bundle}")
 TARGET=$(realpath -m "${D2SEG_TARGET:-/tmp/d2seg-offline}")
 BUDGET=${GPU_OFFLINE_BUDGET_S:-540}
-REPORT_DIR=${OUT:-output/gpu_offline}
+REPORT_DIR=${OUT:-$REPO/output/gpu_offline}
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then REPORT_DIR=$1; shift; fi
 [ "${1:-}" = "--" ] && shift
 REPORT_DIR=$(realpath -m "$REPORT_DIR")
+cd "$REPO"
 mkdir -p "$REPORT_DIR"
 LOG="$REPORT_DIR/offline.log"
 : >"$LOG"
