@@ -49,6 +49,12 @@ def add_shared_config(cfg):
     # Base-SparseInst.yaml (COCO) set True (docs/benchmark.md, "Inference speed-ups at
     # parity": why not CondInst, BlendMask, SOLO v1 and PointRend semantic).
     cfg.MODEL.FAST_INFERENCE = False
+    # Inference precision, "float32" or "bfloat16": with bfloat16 the model runs under
+    # torch.autocast (CPU or CUDA) and its results are cast back to float32. Honoured by
+    # evaluation (Trainer.test), d2seg.engine.Predictor (tools/demo.py) and tools/benchmark.py;
+    # an error on a CPU without native bfloat16 (avx512_bf16 / amx_bf16) and for ONNX files.
+    # See d2seg.engine.precision and docs/deploy.md ("Precision").
+    cfg.TEST.PRECISION = "float32"
     # Training: d2seg's Trainer makes d2seg's CPU RoIAlign backward (bit-identical gradients,
     # faster, bounded memory; d2seg.layers.roi_align) torchvision's CPU kernel for the
     # process. Importing d2seg never does; False keeps torchvision's kernel.

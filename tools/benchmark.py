@@ -193,6 +193,8 @@ def header_lines(args, rows, started, wall_s):
                       for k in r[p].get("thresholds_set_to_zero", [])})
     weights = sorted({str(r[p].get("weights")) for r in rows for p in ("infer", "train")
                       if r.get(p) and "error" not in r[p]})
+    precisions = sorted({r[p].get("precision", "float32") for r in rows for p in ("infer",)
+                         if r.get(p) and "error" not in r[p]})
     size = (f"every input resized to {args.input_size[0]}×{args.input_size[1]}" if args.input_size
             else "each config's own test/train size (shapes: 128×128)")
     lines = [
@@ -206,7 +208,8 @@ def header_lines(args, rows, started, wall_s):
         f"1-min load average during the run: "
         + (f"{min(loads):.1f}–{max(loads):.1f}" if loads else "?"),
         f"- Weights: {', '.join('random init' if w == 'None' else f'`{w}`' for w in weights) or '?'}",
-        f"- Inference: batch {args.batch_size}, {size}, images from the config's DATASETS.TEST "
+        f"- Inference: batch {args.batch_size}, {size}, TEST.PRECISION {', '.join(precisions) or '?'} "
+        f"(bfloat16: under torch.autocast), images from the config's DATASETS.TEST "
         f"(shapes_val), {args.warmup} warm-up + {args.repeats} timed calls of `model(batch)` in eval "
         f"mode under `torch.no_grad()` (pre- and post-processing included: normalisation, padding, "
         f"NMS, mask pasting at the input size)",

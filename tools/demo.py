@@ -4,6 +4,8 @@
     python tools/demo.py --config-file configs/quick/mask_rcnn_shapes.yaml \
         --input img1.jpg dir_of_images/ "more/*.png" --output out_dir/ \
         --confidence-threshold 0.5 --scale 4 --opts MODEL.WEIGHTS output/.../model_final.pth
+    # the same in bfloat16 (a CPU with avx512_bf16 / amx_bf16; docs/deploy.md, "Precision")
+    python tools/demo.py ... --opts MODEL.WEIGHTS ... TEST.PRECISION bfloat16
 
 Runs on the CPU unless MODEL.DEVICE says otherwise (and a GPU is present). A file that is
 not a readable image is reported with a clear message and skipped; the exit status is 1
@@ -23,15 +25,13 @@ from collections import Counter
 import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import d2seg  # noqa: F401  (registers every method and the built-in data sets)
 from d2seg.config import flag_among_opts
 from d2seg.data import read_image_8bit
-from d2seg.engine import setup_cfg
-from d2seg.engine.checkpoint import AtomicCheckpointer
+from d2seg.engine import Predictor, setup_cfg
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -97,19 +97,10 @@ def output_path(args, name, n_inputs):
 
 
 def build_predictor(cfg, weights=None):
-    """A DefaultPredictor of ``cfg`` with ``weights`` (default: cfg.MODEL.WEIGHTS; none if
-    empty). Built without weights (Detectron2's own loader would unpickle any file), then
-    loaded by d2seg's checkpointer: checked downloads, weights_only loading, the .pkl rule
-    and automatic conversion of AdelaiDet / SparseInst / upstream PointRend checkpoints."""
-    weights = cfg.MODEL.WEIGHTS if weights is None else weights
-    bare = cfg.clone()
-    bare.defrost()
-    bare.MODEL.WEIGHTS = ""
-    bare.freeze()
-    predictor = DefaultPredictor(bare)
-    if weights:
-        AtomicCheckpointer(predictor.model).load(weights)
-    return predictor
+    """d2seg's :class:`d2seg.engine.Predictor` (a DefaultPredictor) of ``cfg`` with ``weights``
+    (default: cfg.MODEL.WEIGHTS; none if empty), loaded by d2seg's checkpointer, run at
+    cfg.TEST.PRECISION."""
+    return Predictor(cfg, weights)
 
 
 def visualise(image_rgb, predictions, metadata, threshold, scale=1.0):

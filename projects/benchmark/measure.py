@@ -16,7 +16,7 @@ from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 from ..data import D2SegDatasetMapper, prepare_datasets
-from ..engine import AtomicCheckpointer, Trainer
+from ..engine import AtomicCheckpointer, Trainer, at_precision
 from ..layers import roi_align_backward_from_config
 from .memory import PeakMemory
 from .stats import summarize
@@ -124,7 +124,8 @@ def _count_outputs(outputs):
 
 
 def measure_inference(cfg, warmup=5, repeats=30, batch_size=1, input_size=None):
-    """Latency of ``model(batch)`` in eval mode under ``torch.no_grad()``.
+    """Latency of ``model(batch)`` in eval mode under ``torch.no_grad()``, at
+    ``cfg.TEST.PRECISION`` (bfloat16: under autocast, results cast to float32).
 
     ``warmup`` untimed calls, then ``repeats`` timed calls, each on the next
     ``batch_size`` images of the test set (cycling). The model (random init, or
@@ -146,6 +147,7 @@ def measure_inference(cfg, warmup=5, repeats=30, batch_size=1, input_size=None):
     model = Trainer.build_model(cfg)
     _load_weights(model, cfg)
     model.eval()
+    model = at_precision(cfg, model)
 
     def batch(i):
         return [records[(i * batch_size + k) % len(records)] for k in range(batch_size)]
@@ -181,6 +183,7 @@ def measure_inference(cfg, warmup=5, repeats=30, batch_size=1, input_size=None):
         "peak_mib": peak,
         "memory_method": mem.method,
         "output": output,
+        "precision": cfg.TEST.PRECISION,
     }
 
 

@@ -72,13 +72,19 @@ class ONNXModel:
     Args:
         path: the .onnx file written by :func:`d2seg.deploy.export_onnx`.
         cfg: the config of the model; checked against the file's config digest. None: the config
-            stored in the file.
+            stored in the file. Its TEST.PRECISION must be float32: ONNX Runtime's CPU provider
+            has no bfloat16 kernels for these graphs' convolutions and post-processing.
         num_threads: ONNX Runtime intra-op threads (0: its default).
     Call with a list of dicts: ``image`` (3, H, W) in INPUT.FORMAT 0-255 (already resized by the
     test transform), optional ``height`` / ``width`` of the output.
     """
 
     def __init__(self, path: str, cfg: Optional[CfgNode] = None, num_threads: int = 0):
+        if cfg is not None and cfg.TEST.get("PRECISION", "float32") != "float32":
+            raise ValueError(
+                f"TEST.PRECISION {cfg.TEST.PRECISION}: {path} is an ONNX file, which runs in float32 only "
+                "(ONNX Runtime's CPU provider has no bfloat16 kernels for these graphs); use TEST.PRECISION "
+                "float32, or the PyTorch model (d2seg.engine.Predictor, tools/train_net.py --eval-only) for bfloat16")
         self.path = path
         self.metadata = meta = read_metadata(path)
         stored = self._stored_cfg(meta)

@@ -274,7 +274,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test on the prepared data sets, with the model run at
+        ``TEST.PRECISION`` (:func:`d2seg.engine.precision.at_precision`)."""
         from ..data import prepare_datasets
+        from .precision import at_precision
 
         prepare_datasets(cfg)
-        return super().test(cfg, model, evaluators)
+        return super().test(cfg, at_precision(cfg, model), evaluators)
