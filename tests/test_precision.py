@@ -142,6 +142,28 @@ def test_cpu_without_bf16_is_an_error(fcos, tmp_path, monkeypatch):
         cpu_has_bf16()
 
 
+class DeterminantHead(torch.nn.Module):
+    """A linear layer (bfloat16 under autocast) followed by a determinant, whose LU
+    factorisation has no bfloat16 CPU kernel (and that autocast does not cast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.det(self.linear(x))
+
+
+def test_op_without_bf16_kernel_names_the_key(tmp_path, bf16_cpu):
+    from d2seg.engine import at_precision
+
+    run = at_precision(make_cfg(tmp_path, "bfloat16"), DeterminantHead())
+    with pytest.raises(NotImplementedError) as info:
+        run(torch.randn(8, 8))
+    assert "TEST.PRECISION bfloat16 under torch.autocast('cpu')" in "\n".join(info.value.__notes__)
+    assert at_precision(make_cfg(tmp_path, "float32"), DeterminantHead())(torch.randn(8, 8)).dtype == torch.float32
+
+
 def test_onnx_refuses_bfloat16(tmp_path):
     from d2seg.deploy import ONNXModel, ONNXPredictor
 

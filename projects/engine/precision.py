@@ -93,8 +93,16 @@ class AtPrecision(torch.nn.Module):
         self.device_type = device_type
 
     def forward(self, *args, **kwargs):
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            outputs = self.model(*args, **kwargs)
+        """The model's outputs under autocast, floating tensors cast to float32. An op without
+        a kernel for the autocast dtype raises its own error with a note naming TEST.PRECISION."""
+        try:
+            with torch.autocast(self.device_type, dtype=self.dtype):
+                outputs = self.model(*args, **kwargs)
+        except RuntimeError as e:  # NotImplementedError included: "... not implemented for 'BFloat16'"
+            e.add_note(f"(raised while {type(self.model).__name__} ran at TEST.PRECISION "
+                       f"{str(self.dtype).replace('torch.', '')} under torch.autocast('{self.device_type}'): "
+                       "an op of the model may have no kernel for that dtype; TEST.PRECISION float32 avoids it)")
+            raise
         return outputs_to_float32(outputs)
 
 
