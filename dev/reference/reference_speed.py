@@ -19,13 +19,21 @@ threshold 0 on both sides: each model returns its maximum number of detections, 
 image; SOLOv2: only the threshold after Matrix NMS, see :data:`PAIRS`). The semantic model has
 no threshold: only ``default``.
 
+d2seg's side runs in up to three backends of the one model (``--backends``): ``d2seg``
+(PyTorch float32, the parity reference of the other two), ``onnx`` (the model exported by
+``d2seg.deploy.export_onnx`` at each image's size, a fixed-size graph, run by
+``d2seg.deploy.ONNXModel`` on ONNX Runtime's CPU provider with one intra-op thread) and
+``bf16`` (PyTorch under ``TEST.PRECISION bfloat16``, ``d2seg.engine.at_precision``). The ONNX
+Runtime detections must equal d2seg float32's (the same tolerances as below); for bfloat16 the
+difference in the number of detections (semantic: pixels whose argmax differs) is reported.
+
 Per pair and setting: the first call on each image is untimed and checks parity (same number
 of detections and classes, scores within 1e-4, boxes within 1e-2 px, mask IoU >= 0.999 per
 detection, detections whose scores tie within 1e-4 matched in either order; semantic: argmax equal except where the reference's top-2 margin is within float
-rounding); then ``--reps`` repetitions, each timing every image on one side and at once on
-the other (which side goes first alternates from call to call). Reported: median time per
-repetition (all images) on each side, and the ratio reference / d2seg as the median of the per-repetition ratios (with
-its min-max). The two models live in two worker processes (AdelaiDet and d2seg both register
+rounding); then ``--reps`` repetitions, each timing every image on the reference and on each d2seg
+backend in turn (the order rotates from call to call). Reported: median time per repetition
+(all images) of each, and per backend the ratio reference / backend as the median of the
+per-repetition ratios (with its min-max). The two models live in two worker processes (AdelaiDet and d2seg both register
 e.g. ``OneStageDetector`` and ``FCOS`` in Detectron2's registries), only one of which computes
 at a time.
 
@@ -90,6 +98,10 @@ PAIRS = {
                                thresholds=None),
 }
 SETTINGS = ("default", "all")
+# d2seg's backends of one model: PyTorch float32 (always timed: the other two's parity reference),
+# ONNX Runtime (fixed-size export, one intra-op thread), PyTorch at TEST.PRECISION bfloat16
+BACKENDS = ("d2seg", "onnx", "bf16")
+BACKEND_TITLES = {"d2seg": "d2seg", "onnx": "ONNX Runtime", "bf16": "bfloat16"}
 # SOLOv2's category bias at the published widths (the fixture's -2.8 is for its narrow model:
 # here tens of thousands of candidate masks would pass 0.1): ~0.3 % of the pairs pass
 CATE_BIAS = -3.6
@@ -207,7 +219,8 @@ def build_reference(pair: Dict, checkout: str, seed: int, opts: List, workdir: s
 
 def build_d2seg(pair: Dict, weights: Dict, opts: List, workdir: str):
     """d2seg's model from the shipped config plus ``opts`` (the setting's thresholds), the
-    reference's weights converted and loaded strictly."""
+    reference's weights converted and loaded strictly (``pair["source"]`` None: d2seg's own
+    state dict, loaded as it is). -> (model, cfg)."""
     import d2seg  # noqa: F401
     from d2seg.config import get_d2seg_cfg
     from d2seg.model_zoo import convert_state_dict
@@ -229,25 +242,67 @@ def build_d2seg(pair: Dict, weights: Dict, opts: List, workdir: str):
     torch.manual_seed(0)
     model = build_model(cfg)
     weights = {k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()}
+    if pair["source"] is None:
+        model.load_state_dict(weights, strict=True)
+        return model, cfg
     if pair["source"] != "adelaidet":
         weights = {"model": weights}
     result = convert_state_dict(weights, source=pair["source"], target_keys=model.state_dict().keys())
     model.load_state_dict(result.state_dict, strict=True)
-    return model
+    return model, cfg
+
+
+def d2seg_backends(model, cfg, images: List[Dict], backends, workdir: str) -> Dict:
+    """name -> callable(batched_inputs) for each of ``backends`` (:data:`BACKENDS`) of one
+    d2seg model in eval mode: "d2seg" the model itself (float32); "bf16" the model under
+    ``TEST.PRECISION bfloat16`` (:func:`d2seg.engine.at_precision`: raises where the CPU lacks
+    bfloat16); "onnx" the model exported with :func:`d2seg.deploy.export_onnx` at the size of
+    each of ``images`` (fixed-size graphs, files in ``workdir``), each run by
+    :class:`d2seg.deploy.ONNXModel` with one intra-op thread on the images of its size."""
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"unknown backend(s) {sorted(unknown)}; expected some of {BACKENDS}")
+    runners = {"d2seg": model}
+    if "bf16" in backends:
+        from d2seg.engine import at_precision
+
+        bf16_cfg = cfg.clone()
+        bf16_cfg.defrost()
+        bf16_cfg.TEST.PRECISION = "bfloat16"
+        runners["bf16"] = at_precision(bf16_cfg, model)
+    if "onnx" in backends:
+        from d2seg.deploy import ONNXModel, export_onnx
+
+        sessions = {}
+        for d in images:
+            h, w = d["image"].shape[-2:]
+            if (h, w) not in sessions:
+                path = os.path.join(workdir, f"model_{h}x{w}.onnx")
+                export_onnx(model, path, cfg, height=h, width=w, dynamic=False)
+                sessions[(h, w)] = ONNXModel(path, cfg, num_threads=1)
+
+        def run_onnx(batched_inputs):
+            return [r for x in batched_inputs for r in sessions[tuple(x["image"].shape[-2:])]([x])]
+
+        runners["onnx"] = run_onnx
+    return runners
 
 
 # ----------------------------------------------------------------------------- worker
 
 
 def worker(side: str, pair_name: str, args: Dict, conn):
-    """One side of a pair in its own process. Commands on ``conn``:
-    ("build", setting) -> ("built", info); ("check", i) -> ("result", count, summary, seconds);
-    ("time", i) -> ("time", seconds, count); ("quit",)."""
+    """One side of a pair in its own process (``args["pair"]``, else ``PAIRS[pair_name]``).
+    Commands on ``conn``: ("build", setting) -> ("built", info); ("check", i, backend) ->
+    ("result", count, summary, seconds); ("time", i, backend) -> ("time", seconds, count);
+    ("quit",). ``backend``: one of ``args["backends"]`` on d2seg's side (see
+    :func:`d2seg_backends`; None: float32), ignored on the reference's."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    pair = PAIRS[pair_name]
+    pair = args.get("pair") or PAIRS[pair_name]
     semantic = pair.get("semantic", False)
     model = None
+    runners = {}
     try:
         images = make_images(args["seed"], args["sizes"], semantic)
         while True:
@@ -258,7 +313,7 @@ def worker(side: str, pair_name: str, args: Dict, conn):
                 setting = cmd[1]
                 keys = pair["thresholds"][0 if side == "reference" else 1] if pair["thresholds"] else []
                 opts = [x for k in keys for x in (k, 0.0)] if setting == "all" else []
-                model = None
+                model, runners = None, {}
                 if side == "reference":
                     model = build_reference(pair, args["checkout"], args["seed"], opts, args["workdir"])
                     path = os.path.join(args["workdir"], "weights.pt")
@@ -266,15 +321,19 @@ def worker(side: str, pair_name: str, args: Dict, conn):
                         torch.save(model.state_dict(), path)
                 else:
                     weights = torch.load(os.path.join(args["workdir"], "weights.pt"), weights_only=False)
-                    model = build_d2seg(pair, weights, opts, args["workdir"])
+                    model, cfg = build_d2seg(pair, weights, opts, args["workdir"])
                 model.eval()
+                if side != "reference":
+                    runners = d2seg_backends(model, cfg, images, args.get("backends", BACKENDS[:1]),
+                                             args["workdir"])
                 conn.send(("built", {"sizes": [(d["height"], d["width"]) for d in images], "opts": opts}))
                 continue
             i = cmd[1]
+            run = runners[cmd[2] or "d2seg"] if runners else model
             x = [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in images[i].items()}]
             with torch.no_grad():
                 t0 = time.perf_counter()
-                out = model(x)[0]
+                out = run(x)[0]
                 dt = time.perf_counter() - t0
             if cmd[0] == "check":
                 conn.send(("result", count(out, semantic), result_summary(out, semantic), dt))
@@ -415,8 +474,9 @@ def run_pair(name: str, checkout: str, args) -> Dict:
     # d2seg is imported here, never in the reference's worker (Detectron2's registries would
     # hold both sides' "FCOS", "SparseInst", ...)
     short, cap = test_size(pair["d2seg_config"], args.size)
+    backends = ["d2seg"] + [b for b in getattr(args, "backends", ()) if b != "d2seg"]
     wargs = {"sizes": image_sizes(short, cap, semantic)[:args.images], "seed": args.seed, "checkout": checkout,
-             "workdir": workdir}
+             "workdir": workdir, "pair": pair, "backends": backends}
     sides = {}
     rows = []
     try:
@@ -428,36 +488,12 @@ def run_pair(name: str, checkout: str, args) -> Dict:
             t_build = time.time()
             info = sides["reference"].ask("build", setting)[1]  # writes the weights first
             sides["d2seg"].ask("build", setting)
-            n_img = len(info["sizes"])
             row = {"model": name, "setting": setting, "sizes": info["sizes"],
-                   "reference_opts": info["opts"], "checks": [], "load": [load_average()]}
-            for i in range(n_img):  # untimed first calls: parity
-                _, n_r, s_r, _ = sides["reference"].ask("check", i)
-                _, n_o, s_o, _ = sides["d2seg"].ask("check", i)
-                row["checks"].append(compare(s_r, s_o, semantic, pair.get("boxes", True)))
-            row["parity"] = all(c["ok"] for c in row["checks"])
-            times = {"reference": [], "d2seg": []}
-            counts = {"reference": [], "d2seg": []}
-            for rep in range(args.reps):
-                total = {"reference": 0.0, "d2seg": 0.0}
-                for i in range(n_img):  # each image on both sides in turn, who starts alternates
-                    first = (rep + i) % 2
-                    for side in (("reference", "d2seg") if first == 0 else ("d2seg", "reference")):
-                        _, dt, n = sides[side].ask("time", i)
-                        total[side] += dt
-                        if rep == 0:
-                            counts[side].append(n)
-                for side in total:
-                    times[side].append(total[side])
-                row["load"].append(load_average())
-            ratios = [r / o for r, o in zip(times["reference"], times["d2seg"])]
-            row.update({
-                "times_s": times, "detections": counts,
-                "reference_median_s": statistics.median(times["reference"]),
-                "d2seg_median_s": statistics.median(times["d2seg"]),
-                "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-                "wall_s": time.time() - t_build,
-            })
+                   "reference_opts": info["opts"], "load": [load_average()]}
+            row.update(measure({"reference": sides["reference"], "d2seg": sides["d2seg"]}, backends,
+                               len(info["sizes"]), args.reps, semantic, pair.get("boxes", True),
+                               on_rep=lambda: row["load"].append(load_average())))
+            row["wall_s"] = time.time() - t_build
             print(format_row(row), flush=True)
             rows.append(row)
     except Exception as e:
@@ -470,6 +506,77 @@ def run_pair(name: str, checkout: str, args) -> Dict:
     return rows
 
 
+def measure(sides: Dict, backends: List[str], n_img: int, reps: int, semantic: bool, boxes: bool = True,
+            on_rep=None) -> Dict:
+    """Parity, then alternating timing, of the built ``sides["reference"]`` and each of d2seg's
+    ``backends`` on ``sides["d2seg"]`` (:class:`Side` or anything with its ``ask``).
+
+    The first call on each image is untimed: the reference against d2seg float32 gives
+    ``checks`` / ``parity``; each other backend against d2seg float32 gives
+    ``backend_checks[b]`` / ``backend_parity[b]``. Then ``reps`` repetitions, each calling every
+    image on the reference and on every backend in turn, the order rotated by one from image to
+    image and repetition to repetition. -> the row's numbers: per runner the times (s, all
+    images per repetition), the detections per image of the first repetition and the median;
+    per backend the ratio reference / backend (median and min–max over the repetitions)."""
+    runners = [("reference", "reference", None)] + [(b, "d2seg", b) for b in backends]
+    checks, backend_checks = [], {b: [] for b in backends if b != "d2seg"}
+    for i in range(n_img):
+        summaries = {label: sides[side].ask("check", i, b)[2] for label, side, b in runners}
+        checks.append(compare(summaries["reference"], summaries["d2seg"], semantic, boxes))
+        for b in backend_checks:
+            backend_checks[b].append(compare(summaries["d2seg"], summaries[b], semantic, boxes))
+    times = {label: [] for label, _, _ in runners}
+    counts = {label: [] for label, _, _ in runners}
+    for rep in range(reps):
+        total = dict.fromkeys(times, 0.0)
+        for i in range(n_img):
+            k = (rep + i) % len(runners)
+            for label, side, b in runners[k:] + runners[:k]:
+                _, dt, n = sides[side].ask("time", i, b)
+                total[label] += dt
+                if rep == 0:
+                    counts[label].append(n)
+        for label in total:
+            times[label].append(total[label])
+        if on_rep:
+            on_rep()
+    out = {"checks": checks, "parity": all(c["ok"] for c in checks),
+           "backend_checks": backend_checks,
+           "backend_parity": {b: all(c["ok"] for c in cs) for b, cs in backend_checks.items()},
+           "times_s": times, "detections": counts, "reference_median_s": statistics.median(times["reference"]),
+           "backends": {}}
+    for b in backends:
+        ratios = [r / o for r, o in zip(times["reference"], times[b])]
+        out["backends"][b] = {"median_s": statistics.median(times[b]), "ratio": statistics.median(ratios),
+                              "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    d = out["backends"]["d2seg"]  # the keys of the float32-only table
+    out.update({"d2seg_median_s": d["median_s"], "ratio": d["ratio"], "ratio_min": d["ratio_min"],
+                "ratio_max": d["ratio_max"]})
+    return out
+
+
+def _differences(c: Dict) -> str:
+    """One compare() result in words: the largest differences."""
+    if "argmax_differ" in c:
+        return f"{c['argmax_differ']} px differ"
+    parts = []
+    if "max_score_diff" in c:
+        parts.append(f"score {c['max_score_diff']:.1e}")
+    if "max_box_diff" in c:
+        parts.append(f"box {c['max_box_diff']:.1e}")
+    if "min_mask_iou" in c:
+        parts.append(f"IoU {c['min_mask_iou']:.4f}")
+    if c.get("reordered_ties"):
+        parts.append(f"{c['reordered_ties']} tied scores in another order")
+    if not parts and c["detections"][0] != c["detections"][1]:
+        parts.append("{} vs {} detections".format(*c["detections"]))
+    return ", ".join(parts) or "0 detections"
+
+
+def _ratio(b: Dict) -> str:
+    return f"**{b['ratio']:.2f}** ({b['ratio_min']:.2f}–{b['ratio_max']:.2f})"
+
+
 def format_row(row: Dict) -> str:
     if "error" in row:
         return f"| {row['model']} | – | error: {row['error']} |"
@@ -477,30 +584,54 @@ def format_row(row: Dict) -> str:
     det = row["detections"]
     det_s = "–" if det["reference"][0] < 0 else \
         f"{'/'.join(map(str, det['reference']))} / {'/'.join(map(str, det['d2seg']))}"
-    diffs = []
-    for c in row["checks"]:
-        if "argmax_differ" in c:
-            diffs.append(f"{c['argmax_differ']} px differ")
+    parity = (("same" if row["parity"] else "**DIFFERENT**") + " ("
+              + "; ".join(_differences(c) for c in row["checks"]) + ")")
+    cells = [row["model"], row["setting"], sizes, det_s, parity,
+             f"{row['reference_median_s'] * 1000:.0f}", f"{row['d2seg_median_s'] * 1000:.0f}", _ratio(row)]
+    backends = row.get("backends", {})
+    if "onnx" in backends:
+        onnx = backends["onnx"]
+        cells += [f"{onnx['median_s'] * 1000:.0f}", _ratio(onnx),
+                  ("same" if row["backend_parity"]["onnx"] else "**DIFFERENT**") + " ("
+                  + "; ".join(_differences(c) for c in row["backend_checks"]["onnx"]) + ")"]
+    elif "bf16" in backends:
+        cells += ["–"] * 3
+    if "bf16" in backends:
+        bf16 = backends["bf16"]
+        if semantic_row(row):
+            delta = "; ".join(_differences(c) for c in row["backend_checks"]["bf16"])
         else:
-            parts = []
-            if "max_score_diff" in c:
-                parts.append(f"score {c['max_score_diff']:.1e}")
-            if "max_box_diff" in c:
-                parts.append(f"box {c['max_box_diff']:.1e}")
-            if "min_mask_iou" in c:
-                parts.append(f"IoU {c['min_mask_iou']:.4f}")
-            if c.get("reordered_ties"):
-                parts.append(f"{c['reordered_ties']} tied scores in another order")
-            diffs.append(", ".join(parts) or "0 detections")
-    parity = ("same" if row["parity"] else "**DIFFERENT**") + " (" + "; ".join(diffs) + ")"
-    return (f"| {row['model']} | {row['setting']} | {sizes} | {det_s} | {parity} | "
-            f"{row['reference_median_s'] * 1000:.0f} | {row['d2seg_median_s'] * 1000:.0f} | "
-            f"**{row['ratio']:.2f}** ({row['ratio_min']:.2f}–{row['ratio_max']:.2f}) |")
+            delta = "/".join(f"{b - f:+d}" for f, b in zip(det["d2seg"], det["bf16"]))
+        cells += [f"{bf16['median_s'] * 1000:.0f}", _ratio(bf16), delta]
+    return "| " + " | ".join(cells) + " |"
 
 
-HEADER = ("| model | setting | images (H×W) | detections per image: reference / d2seg | parity "
-          "(largest differences per image) | reference ms (median) | d2seg ms (median) | "
-          "ratio reference / d2seg (min–max over reps) |\n|---|---|---|---|---|---|---|---|")
+def semantic_row(row: Dict) -> bool:
+    return row["detections"]["reference"][0] < 0
+
+
+def header(backends=BACKENDS) -> str:
+    """The table's header, with the ONNX Runtime and bfloat16 columns when either is measured."""
+    cols = HEADER_COLUMNS + (EXTRA_COLUMNS if set(backends) - {"d2seg"} else [])
+    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+
+
+HEADER_COLUMNS = ["model", "setting", "images (H×W)", "detections per image: reference / d2seg",
+                  "parity (largest differences per image)", "reference ms (median)", "d2seg ms (median)",
+                  "ratio reference / d2seg (min–max over reps)"]
+EXTRA_COLUMNS = ["ONNX Runtime ms (median)", "ratio reference / ONNX Runtime",
+                 "ONNX Runtime = d2seg float32 (largest differences per image)", "bfloat16 ms (median)",
+                 "ratio reference / bfloat16", "bfloat16 − float32 detections per image (semantic: px differ)"]
+HEADER = header(BACKENDS[:1])
+
+
+def _ort_version() -> str:
+    try:
+        import onnxruntime
+
+        return onnxruntime.__version__
+    except ImportError:
+        return "(not installed)"
 
 
 def _git(args) -> str:
@@ -518,7 +649,7 @@ def write_report(rows: List[Dict], args, started: float, out: str, quiet: bool =
     meta = {"command": "python dev/reference/reference_speed.py " + " ".join(sys.argv[1:]),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
             "wall_min": (time.time() - started) / 60, "torch": torch.__version__,
-            "threads": 1, "reps": args.reps, "seed": args.seed, "size": args.size,
+            "threads": 1, "reps": args.reps, "backends": ["d2seg"] + [b for b in args.backends if b != "d2seg"], "seed": args.seed, "size": args.size,
             "d2seg_commit": _git(["rev-parse", "HEAD"]),
             "d2seg_uncommitted": _git(["status", "--short", "--untracked-files=no"]).splitlines()}
     with open(os.path.join(out, "reference_speed.json"), "w") as f:
@@ -536,7 +667,10 @@ def write_report(rows: List[Dict], args, started: float, out: str, quiet: bool =
              f"- 1-minute load average during the run: {min(loads):.1f}–{max(loads):.1f}" if loads else "",
              "- Settings: default = the configs' score thresholds; all = every test-time score "
              "threshold 0 on both sides (maximum detections)",
-             "", HEADER] + [format_row(r) for r in rows]
+             f"- d2seg backends: {', '.join(BACKEND_TITLES[b] for b in meta['backends'])} (ONNX Runtime "
+             "{}: fixed-size export per image size, 1 intra-op thread; bfloat16: TEST.PRECISION "
+             "bfloat16)".format(_ort_version()) if len(meta["backends"]) > 1 else "",
+             "", header(meta["backends"])] + [format_row(r) for r in rows]
     with open(os.path.join(out, "reference_speed.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if not quiet:
@@ -553,6 +687,8 @@ def main(argv=None):
                    help="short side of the images (default: each config's INPUT.MIN_SIZE_TEST)")
     p.add_argument("--images", type=int, default=2, choices=(1, 2), help="images per repetition (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS),
+                   help="d2seg's backends timed with the reference (default all; d2seg float32 always)")
     p.add_argument("--adelaidet", help="checkout of aim-uofa/AdelaiDet")
     p.add_argument("--sparseinst", help="checkout of hustvl/SparseInst")
     p.add_argument("--detectron2", help="Detectron2 source tree (projects/PointRend)")
@@ -567,12 +703,13 @@ def main(argv=None):
     torch.set_num_threads(1)
     started = time.time()
     rows = []
-    print(HEADER, flush=True)
+    print(header(args.backends), flush=True)
     for name in args.models:
         rows += run_pair(name, os.path.abspath(checkouts[PAIRS[name]["checkout"]]), args)
         write_report(rows, args, started, args.out, quiet=True)  # partial results on disk
     write_report(rows, args, started, args.out)
-    bad = [r for r in rows if "error" in r or not r.get("parity", False)]
+    bad = [r for r in rows if "error" in r or not r.get("parity", False)
+           or not r.get("backend_parity", {}).get("onnx", True)]
     return 1 if bad else 0
 
 
