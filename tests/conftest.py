@@ -109,9 +109,34 @@ def _builtin_shapes_registrations_restored():
         register_builtin_shapes()
 
 
+@pytest.fixture(autouse=True)
+def _loggers_restored():
+    """Tools run in-process (train_net, demo, gallery main()) call Detectron2's setup_logger,
+    which turns off the propagation of the ``d2seg`` and ``detectron2`` loggers and adds
+    handlers: put them back after each test, so that tests reading the logs through pytest's
+    caplog do not depend on which tests ran before them."""
+    import logging
+
+    saved = {}
+    for name in ("d2seg", "detectron2", "fvcore", "d2"):
+        logger = logging.getLogger(name)
+        saved[name] = (logger.propagate, logger.level, list(logger.handlers))
+    yield
+    for name, (propagate, level, handlers) in saved.items():
+        logger = logging.getLogger(name)
+        logger.propagate, logger.level = propagate, level
+        for h in list(logger.handlers):
+            if h not in handlers:
+                logger.removeHandler(h)
+
+
 @pytest.fixture(scope="session")
 def python():
     return sys.executable
+
+
+# test modules parametrised by ``config`` whose tests wait for tests/fitting.py's fits
+FIT_MODULES = ("test_learning", "test_autocast_models", "test_deploy_ap", "test_precision_ap")
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
@@ -121,7 +146,7 @@ def pytest_collection_modifyitems(session, config, items):
     needed = []
     for item in items:
         module = getattr(getattr(item, "module", None), "__name__", "")
-        if module in ("test_learning", "test_autocast_models") and hasattr(item, "callspec"):
+        if module in FIT_MODULES and hasattr(item, "callspec"):
             c = item.callspec.params.get("config")
             if c and c not in needed:
                 needed.append(c)
@@ -132,7 +157,7 @@ def pytest_collection_modifyitems(session, config, items):
         # the tests that wait for fits run last, so that the fits proceed in the background
         # while the rest of the suite runs
         waits = [i for i in items if getattr(getattr(i, "module", None), "__name__", "")
-                 in ("test_learning", "test_autocast_models")]
+                 in FIT_MODULES]
         items[:] = [i for i in items if i not in waits] + waits
 
 

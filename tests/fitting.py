@@ -276,8 +276,15 @@ def fitted(config, plan=None):
     return Fit(cfg, model, batch, seconds, losses)
 
 
-def evaluate(fit):
-    """Detectron2's evaluators (COCOEvaluator / SemSegEvaluator) on the fitted images."""
+def evaluate(fit, precision=None):
+    """Detectron2's evaluators (COCOEvaluator / SemSegEvaluator) on the fitted images, at the
+    fit's TEST.PRECISION or at ``precision`` ("float32" / "bfloat16") when given."""
     from d2seg.engine import Trainer
 
-    return Trainer.test(fit.cfg, fit.model)
+    cfg = fit.cfg
+    if precision is not None:
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.TEST.PRECISION = precision
+        cfg.freeze()
+    return Trainer.test(cfg, fit.model)
