@@ -1,5 +1,6 @@
 """Shared test set-up: data sets are generated into a temporary DETECTRON2_DATASETS (never
 into the repository), and tiny training overrides keep every run to seconds."""
+import logging
 import os
 import sys
 import tempfile
@@ -109,20 +110,23 @@ def _builtin_shapes_registrations_restored():
         register_builtin_shapes()
 
 
+# The loggers as they are before any test: Detectron2's setup_logger (called by the tools'
+# main() that tests run in-process, also from module-scoped fixtures) turns off propagation
+# and adds handlers.
+_LOGGERS = ("d2seg", "detectron2", "fvcore", "d2", "gallery")
+_PRISTINE_LOGGERS = {}
+for _name in _LOGGERS:
+    _logger = logging.getLogger(_name)
+    _PRISTINE_LOGGERS[_name] = (_logger.propagate, _logger.level, list(_logger.handlers))
+
+
 @pytest.fixture(autouse=True)
 def _loggers_restored():
-    """Tools run in-process (train_net, demo, gallery main()) call Detectron2's setup_logger,
-    which turns off the propagation of the ``d2seg`` and ``detectron2`` loggers and adds
-    handlers: put them back after each test, so that tests reading the logs through pytest's
-    caplog do not depend on which tests ran before them."""
-    import logging
-
-    saved = {}
-    for name in ("d2seg", "detectron2", "fvcore", "d2"):
-        logger = logging.getLogger(name)
-        saved[name] = (logger.propagate, logger.level, list(logger.handlers))
+    """Put the loggers back as they were before any test, after each test, so that tests
+    reading the logs through pytest's caplog, or checking that a tool leaves the process as
+    it found it, do not depend on which tests ran before them."""
     yield
-    for name, (propagate, level, handlers) in saved.items():
+    for name, (propagate, level, handlers) in _PRISTINE_LOGGERS.items():
         logger = logging.getLogger(name)
         logger.propagate, logger.level = propagate, level
         for h in list(logger.handlers):
