@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -108,6 +108,10 @@ CATE_BIAS = -3.6
 SCORE_TOL, BOX_TOL, MIN_IOU = 1e-4, 1e-2, 0.999
 # semantic: a differing argmax pixel is a tie when the reference's top-2 margin is below this
 TIE_MARGIN = 1e-4
+# semantic, ONNX Runtime against d2seg float32: issue 30's export parity bar (argmax equal on
+# >= 99.9 % of the pixels, as tests/test_deploy_parity.py), for which the ties' margin is too tight
+# (another convolution library sums in another order)
+MIN_ARGMAX_AGREEMENT = 0.999
 
 
 # ----------------------------------------------------------------------------- both sides
@@ -252,13 +256,17 @@ def build_d2seg(pair: Dict, weights: Dict, opts: List, workdir: str):
     return model, cfg
 
 
-def d2seg_backends(model, cfg, images: List[Dict], backends, workdir: str) -> Dict:
+def d2seg_backends(model, cfg, images: List[Dict], backends, workdir: str, unavailable: Optional[Dict] = None
+                   ) -> Dict:
     """name -> callable(batched_inputs) for each of ``backends`` (:data:`BACKENDS`) of one
     d2seg model in eval mode: "d2seg" the model itself (float32); "bf16" the model under
     ``TEST.PRECISION bfloat16`` (:func:`d2seg.engine.at_precision`: raises where the CPU lacks
     bfloat16); "onnx" the model exported with :func:`d2seg.deploy.export_onnx` at the size of
     each of ``images`` (fixed-size graphs, files in ``workdir``), each run by
-    :class:`d2seg.deploy.ONNXModel` with one intra-op thread on the images of its size."""
+    :class:`d2seg.deploy.ONNXModel` with one intra-op thread on the images of its size.
+    A model that d2seg.deploy cannot export (ValueError / ExportError naming the option) gets
+    no "onnx" runner: the reason goes in ``unavailable["onnx"]`` when a dict is given, else
+    the error is raised."""
     unknown = set(backends) - set(BACKENDS)
     if unknown:
         raise ValueError(f"unknown backend(s) {sorted(unknown)}; expected some of {BACKENDS}")
@@ -271,15 +279,21 @@ def d2seg_backends(model, cfg, images: List[Dict], backends, workdir: str) -> Di
         bf16_cfg.TEST.PRECISION = "bfloat16"
         runners["bf16"] = at_precision(bf16_cfg, model)
     if "onnx" in backends:
-        from d2seg.deploy import ONNXModel, export_onnx
+        from d2seg.deploy import ExportError, ONNXModel, export_onnx
 
         sessions = {}
-        for d in images:
-            h, w = d["image"].shape[-2:]
-            if (h, w) not in sessions:
-                path = os.path.join(workdir, f"model_{h}x{w}.onnx")
-                export_onnx(model, path, cfg, height=h, width=w, dynamic=False)
-                sessions[(h, w)] = ONNXModel(path, cfg, num_threads=1)
+        try:
+            for d in images:
+                h, w = d["image"].shape[-2:]
+                if (h, w) not in sessions:
+                    path = os.path.join(workdir, f"model_{h}x{w}.onnx")
+                    export_onnx(model, path, cfg, height=h, width=w, dynamic=False)
+                    sessions[(h, w)] = ONNXModel(path, cfg, num_threads=1)
+        except (ValueError, ExportError) as e:
+            if unavailable is None:
+                raise
+            unavailable["onnx"] = str(e)
+            return runners
 
         def run_onnx(batched_inputs):
             return [r for x in batched_inputs for r in sessions[tuple(x["image"].shape[-2:])]([x])]
@@ -313,7 +327,7 @@ def worker(side: str, pair_name: str, args: Dict, conn):
                 setting = cmd[1]
                 keys = pair["thresholds"][0 if side == "reference" else 1] if pair["thresholds"] else []
                 opts = [x for k in keys for x in (k, 0.0)] if setting == "all" else []
-                model, runners = None, {}
+                model, runners, unavailable = None, {}, {}
                 if side == "reference":
                     model = build_reference(pair, args["checkout"], args["seed"], opts, args["workdir"])
                     path = os.path.join(args["workdir"], "weights.pt")
@@ -325,8 +339,9 @@ def worker(side: str, pair_name: str, args: Dict, conn):
                 model.eval()
                 if side != "reference":
                     runners = d2seg_backends(model, cfg, images, args.get("backends", BACKENDS[:1]),
-                                             args["workdir"])
-                conn.send(("built", {"sizes": [(d["height"], d["width"]) for d in images], "opts": opts}))
+                                             args["workdir"], unavailable)
+                conn.send(("built", {"sizes": [(d["height"], d["width"]) for d in images], "opts": opts,
+                                     "unavailable": unavailable}))
                 continue
             i = cmd[1]
             run = runners[cmd[2] or "d2seg"] if runners else model
@@ -487,10 +502,11 @@ def run_pair(name: str, checkout: str, args) -> Dict:
                 continue
             t_build = time.time()
             info = sides["reference"].ask("build", setting)[1]  # writes the weights first
-            sides["d2seg"].ask("build", setting)
+            unavailable = sides["d2seg"].ask("build", setting)[1]["unavailable"]
             row = {"model": name, "setting": setting, "sizes": info["sizes"],
-                   "reference_opts": info["opts"], "load": [load_average()]}
-            row.update(measure({"reference": sides["reference"], "d2seg": sides["d2seg"]}, backends,
+                   "reference_opts": info["opts"], "load": [load_average()], "unavailable": unavailable}
+            row.update(measure({"reference": sides["reference"], "d2seg": sides["d2seg"]},
+                               [b for b in backends if b not in unavailable],
                                len(info["sizes"]), args.reps, semantic, pair.get("boxes", True),
                                on_rep=lambda: row["load"].append(load_average())))
             row["wall_s"] = time.time() - t_build
@@ -513,7 +529,8 @@ def measure(sides: Dict, backends: List[str], n_img: int, reps: int, semantic: b
 
     The first call on each image is untimed: the reference against d2seg float32 gives
     ``checks`` / ``parity``; each other backend against d2seg float32 gives
-    ``backend_checks[b]`` / ``backend_parity[b]``. Then ``reps`` repetitions, each calling every
+    ``backend_checks[b]`` / ``backend_parity[b]`` (semantic: or argmax equal on
+    :data:`MIN_ARGMAX_AGREEMENT` of the pixels). Then ``reps`` repetitions, each calling every
     image on the reference and on every backend in turn, the order rotated by one from image to
     image and repetition to repetition. -> the row's numbers: per runner the times (s, all
     images per repetition), the detections per image of the first repetition and the median;
@@ -524,7 +541,11 @@ def measure(sides: Dict, backends: List[str], n_img: int, reps: int, semantic: b
         summaries = {label: sides[side].ask("check", i, b)[2] for label, side, b in runners}
         checks.append(compare(summaries["reference"], summaries["d2seg"], semantic, boxes))
         for b in backend_checks:
-            backend_checks[b].append(compare(summaries["d2seg"], summaries[b], semantic, boxes))
+            c = compare(summaries["d2seg"], summaries[b], semantic, boxes)
+            if semantic:
+                c["argmax_agreement"] = 1 - c["argmax_differ"] / summaries[b]["argmax"].numel()
+                c["ok"] = c["ok"] or c["argmax_agreement"] >= MIN_ARGMAX_AGREEMENT
+            backend_checks[b].append(c)
     times = {label: [] for label, _, _ in runners}
     counts = {label: [] for label, _, _ in runners}
     for rep in range(reps):
@@ -558,7 +579,8 @@ def measure(sides: Dict, backends: List[str], n_img: int, reps: int, semantic: b
 def _differences(c: Dict) -> str:
     """One compare() result in words: the largest differences."""
     if "argmax_differ" in c:
-        return f"{c['argmax_differ']} px differ"
+        agree = f" ({100 * (1 - c['argmax_agreement']):.4f} %)" if "argmax_agreement" in c else ""
+        return f"{c['argmax_differ']} px differ{agree}"
     parts = []
     if "max_score_diff" in c:
         parts.append(f"score {c['max_score_diff']:.1e}")
@@ -589,13 +611,15 @@ def format_row(row: Dict) -> str:
     cells = [row["model"], row["setting"], sizes, det_s, parity,
              f"{row['reference_median_s'] * 1000:.0f}", f"{row['d2seg_median_s'] * 1000:.0f}", _ratio(row)]
     backends = row.get("backends", {})
-    if "onnx" in backends:
+    if "onnx" in row.get("unavailable", {}):
+        cells += ["–", "–", "not exported: " + row["unavailable"]["onnx"].replace("|", "/")]
+    elif "onnx" in backends:
         onnx = backends["onnx"]
         cells += [f"{onnx['median_s'] * 1000:.0f}", _ratio(onnx),
                   ("same" if row["backend_parity"]["onnx"] else "**DIFFERENT**") + " ("
                   + "; ".join(_differences(c) for c in row["backend_checks"]["onnx"]) + ")"]
     elif "bf16" in backends:
-        cells += ["–"] * 3
+        cells += ["–"] * 3  # not asked for
     if "bf16" in backends:
         bf16 = backends["bf16"]
         if semantic_row(row):
