@@ -187,11 +187,10 @@ def test_coco_config_trains_on_1_and_90_classes(config, num_classes, tmp_path):
         MetadataCatalog.remove(name)
 
 
-@pytest.mark.slow
-def test_two_machine_flags_as_two_local_processes(tmp_path):
-    """The doc's multi-machine launch (--num-machines 2 --machine-rank R --dist-url
-    tcp://...) as two processes on this machine (gloo on CPU): both take part in one
-    training, and the main process writes the final checkpoint."""
+def _train_as_two_machines(tmp_path, launch):
+    """Two processes, one per "machine", both on this one: ``launch(rank, port, train_net)``
+    gives each its python arguments up to tools/train_net.py; both train FCOS 2 iterations
+    with world size 2 and write one model_final.pth."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -199,8 +198,7 @@ def test_two_machine_flags_as_two_local_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = []
     for rank in (0, 1):
-        argv = [sys.executable, os.path.join(TOOLS, "train_net.py"), "--config-file", config,
-                "--num-machines", "2", "--machine-rank", str(rank), "--dist-url", f"tcp://127.0.0.1:{port}"]
+        argv = [sys.executable] + launch(rank, port, os.path.join(TOOLS, "train_net.py")) + ["--config-file", config]
         argv += tiny_opts(tmp_path / "out", max_iter=2, SOLVER__CHECKPOINT_PERIOD=1000, DATASETS__TEST="()")
         procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
@@ -211,6 +209,15 @@ def test_two_machine_flags_as_two_local_processes(tmp_path):
     for rank, log in enumerate(logs):
         assert f"Rank of current process: {rank}. World size: 2" in log
     assert torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)["iteration"] == 1
+
+
+@pytest.mark.slow
+def test_two_machine_flags_as_two_local_processes(tmp_path):
+    """The doc's multi-machine launch (--num-machines 2 --machine-rank R --dist-url
+    tcp://...) as two processes on this machine (gloo on CPU): both take part in one
+    training, and the main process writes the final checkpoint."""
+    _train_as_two_machines(tmp_path, lambda rank, port, train_net: [
+        train_net, "--num-machines", "2", "--machine-rank", str(rank), "--dist-url", f"tcp://127.0.0.1:{port}"])
 
 
 @pytest.mark.slow
@@ -218,23 +225,6 @@ def test_torchrun_two_machines_as_two_local_processes(tmp_path):
     """The doc's torchrun launch (--nnodes 2 --node-rank R --master-addr --master-port),
     one process per machine, both on this machine: tools/train_net.py joins torchrun's
     group (gloo on CPU) and trains once with world size 2."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = os.path.join(CONFIGS, "FCOS", "fcos_R18_shapes.yaml")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = []
-    for rank in (0, 1):
-        argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                os.path.join(TOOLS, "train_net.py"), "--config-file", config]
-        argv += tiny_opts(tmp_path / "out", max_iter=2, SOLVER__CHECKPOINT_PERIOD=1000, DATASETS__TEST="()")
-        procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for rank, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"machine {rank}:\n{out[-4000:]}"
-    logs = [open(tmp_path / "out" / name).read() for name in ("log.txt", "log.txt.rank1")]
-    for rank, log in enumerate(logs):
-        assert f"Rank of current process: {rank}. World size: 2" in log
-    assert torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)["iteration"] == 1
+    _train_as_two_machines(tmp_path, lambda rank, port, train_net: [
+        "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
+        "--master-addr", "127.0.0.1", "--master-port", str(port), train_net])
