@@ -17,14 +17,15 @@ backends_script = load_script("dev/bench/shapes_val_backends.py")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _random_checkpoint(config, opts, path):
+def _random_checkpoint(config, opts, path, fcos=True):
     from d2seg.engine import Trainer, setup_cfg
 
     torch.manual_seed(0)
     model = Trainer.build_model(setup_cfg(config, opts + ["MODEL.DEVICE", "cpu"]))
-    with torch.no_grad():  # every location: l = t = r = b = 1.5 strides
-        model.proposal_generator.fcos_head.bbox_pred.weight.zero_()
-        model.proposal_generator.fcos_head.bbox_pred.bias.fill_(1.5)
+    if fcos:
+        with torch.no_grad():  # every location: l = t = r = b = 1.5 strides
+            model.proposal_generator.fcos_head.bbox_pred.weight.zero_()
+            model.proposal_generator.fcos_head.bbox_pred.bias.fill_(1.5)
     torch.save({"model": model.state_dict()}, path)
 
 
@@ -80,3 +81,21 @@ def test_rows_for_a_model_without_graph_and_a_failed_backend():
     summary, rows = backends_script.summarise("s.yaml", {"float32": {"status": "ok",
                                                                      "results": {"sem_seg": {"mIoU": 80.0}}}})
     assert rows == ["| `s.yaml` | mIoU | 80.00 | not run | not run | - | - |"]
+
+
+def test_a_model_without_graph_is_no_graph(tmp_path):
+    """Detectron2's plain RetinaNet has no export graph: its ONNX Runtime column says so, and the
+    script still succeeds (overrides after --backends stay overrides)."""
+    config = os.path.join(CONFIGS, "FCOS/retinanet_shapes.yaml")
+    weights = str(tmp_path / "model.pth")
+    _random_checkpoint(config, list(TINY_SHAPES), weights, fcos=False)
+    out = tmp_path / "out"
+    argv = ["--config-file", config, "--weights", weights, "--output", str(out), "--backends", "onnxruntime"]
+    assert backends_script.main(argv + list(TINY_SHAPES)) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert list(report["backends"]) == ["onnxruntime"]
+    run = report["backends"]["onnxruntime"]
+    assert run["status"] == "no graph" and "RetinaNet" in run["error"], run
+    assert report["opts"] == list(TINY_SHAPES) and not (out / "model.onnx").exists()
+    with pytest.raises(SystemExit):
+        backends_script.parse_args(argv[:-1] + ["float32,onnx"])

@@ -60,10 +60,16 @@ def parse_args(argv=None):
     p.add_argument("--weights", required=True, metavar="FILE", help="the checkpoint (MODEL.WEIGHTS)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for results.json, the ONNX file and "
                                                                   "each backend's evaluator files")
-    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help="comma-separated subset of " + ",".join(BACKENDS) + " (default: all three)")
     p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime intra-op threads (default 1)")
     p.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.backends = [b for b in args.backends.split(",") if b]
+    unknown = [b for b in args.backends if b not in BACKENDS]
+    if unknown or not args.backends:
+        p.error(f"--backends {','.join(args.backends)}: expected a comma-separated subset of {','.join(BACKENDS)}")
+    return args
 
 
 def headline(results):
