@@ -97,5 +97,6 @@ def test_a_model_without_graph_is_no_graph(tmp_path):
     run = report["backends"]["onnxruntime"]
     assert run["status"] == "no graph" and "RetinaNet" in run["error"], run
     assert report["opts"] == list(TINY_SHAPES) and not (out / "model.onnx").exists()
+    assert report["source"] is None or len(report["source"]["head"]) >= 7  # the code that ran
     with pytest.raises(SystemExit):
         backends_script.parse_args(argv[:-1] + ["float32,onnx"])

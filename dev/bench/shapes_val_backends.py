@@ -129,6 +129,21 @@ def summarise(config_name, backends):
     return summary, rows
 
 
+def source_state():
+    """The repository's HEAD and the uncommitted changes under projects/ (what the evaluation ran), or
+    None outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "projects"], cwd=REPO, capture_output=True,
+                                 text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"head": head, "uncommitted_in_projects": [line[3:] for line in changed]}
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -203,7 +218,7 @@ def main(argv=None):
         "dataset": list(cfg.DATASETS.TEST), "threads": args.threads, "torch": torch.__version__,
         "command": " ".join([os.path.relpath(os.path.abspath(__file__), REPO)] + (argv if argv is not None
                                                                                     else sys.argv[1:])),
-        "backends": backends, "summary": summary, "markdown": rows,
+        "source": source_state(), "backends": backends, "summary": summary, "markdown": rows,
     }
     with open(os.path.join(args.output, "results.json"), "w") as f:
         json.dump(_clean(report), f, indent=1)
