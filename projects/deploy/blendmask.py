@@ -1,20 +1,57 @@
 """Export graph of BlendMask (``OneStageDetector`` with ``BlendMaskHead``): FCOS's detections
 (as in :mod:`d2seg.deploy.fcos`) with the attentions of the top layer at each detection, the
-basis module, RoIAlign of the bases in each box (ONNX RoiAlign, half-pixel aligned), the
-blender (attentions upsampled, softmax over the bases, weighted sum), and Detectron2's
-``detector_postprocess``: boxes rescaled, clipped, the empty ones dropped, the (S x S) mask
-probabilities pasted into the output image (:func:`d2seg.deploy.masks.paste_masks`) at
-MODEL.BLENDMASK.MASK_THRESHOLD. Dynamic input height and width.
+basis module, RoIAlign of the bases in each box, the blender (attentions upsampled, softmax
+over the bases, weighted sum), and Detectron2's ``detector_postprocess``: boxes rescaled,
+clipped, the empty ones dropped, the (S x S) mask probabilities pasted into the output image
+(:func:`d2seg.deploy.masks.paste_masks`) at MODEL.BLENDMASK.MASK_THRESHOLD. Dynamic input
+height and width.
+
+The crop, as the PyTorch head does it:
+    CROP_UNCLIPPED_BOXES False: the clipped detection boxes, with ONNX RoiAlign (half-pixel
+        aligned; the boxes lie in the image, where it equals torchvision's roi_align);
+    CROP_UNCLIPPED_BOXES True (AdelaiDet's convention, the COCO configs): the boxes as FCOS
+        regressed them, before clipping, decoded from the regression at each detection's
+        location; they leave the image, where ONNX RoiAlign's sampling differs from
+        torchvision's, so the crop is :func:`d2seg.deploy.roi_align.roi_align_exact`
+        (torchvision's rules from plain ops). The masks are pasted into the clipped boxes in
+        both cases.
 """
 import torch
 
+from d2seg.blendmask.blender import blend
 from d2seg.blendmask.blendmask import BlendMaskHead
+from d2seg.fcos.inference import decode_ltrb
 
 from .fcos import MASK_HEAD_GRAPHS, fcos_detections
 from .graph import InstancesGraph, rescale_boxes
 from .masks import paste_masks
+from .roi_align import roi_align_exact
 
 __all__ = ["BlendMaskGraph"]
+
+
+class _HeadWithRegression:
+    """FCOS's head whose ``top_feats`` carry the box regression (4 channels, / stride) after
+    the top module's: :func:`fcos_detections` then returns it at each detection."""
+
+    def __init__(self, head):
+        self.head = head
+
+    def __call__(self, feats, top_module=None, yield_towers=False):
+        out = self.head(feats, top_module=top_module, yield_towers=yield_towers)
+        out.top_feats = [torch.cat([t, r], dim=1) for t, r in zip(out.top_feats, out.bbox_reg)]
+        return out
+
+
+class _FCOSWithRegression:
+    """The FCOS module as :func:`fcos_detections` reads it, with :class:`_HeadWithRegression`."""
+
+    def __init__(self, fcos):
+        self._fcos = fcos
+        self.fcos_head = _HeadWithRegression(fcos.fcos_head)
+
+    def __getattr__(self, name):
+        return getattr(self._fcos, name)
 
 
 class BlendMaskGraph(InstancesGraph):
@@ -22,17 +59,26 @@ class BlendMaskGraph(InstancesGraph):
 
     def __init__(self, model):
         super().__init__(model, model.backbone.size_divisibility)
-        if model.mask_head.crop_unclipped_boxes:
-            raise ValueError("d2seg.deploy: BlendMask with MODEL.BLENDMASK.CROP_UNCLIPPED_BOXES True has no export "
-                             "graph yet (set it False)")
 
     def run(self, x, image_size, output_size):
         model, head = self.model, self.model.mask_head
         features = model.backbone(x)
-        det = fcos_detections(model.proposal_generator, features, image_size, top_module=head.top_layer)
-        bases, _ = head.basis_module(features)
-        im_inds = torch.zeros_like(det["classes"])
-        probs = head.mask_logits(bases, det["boxes"], im_inds, det["top_feats"]).sigmoid()  # (R, S, S)
+        if head.crop_unclipped_boxes:
+            fcos = model.proposal_generator
+            det = fcos_detections(_FCOSWithRegression(fcos), features, image_size, top_module=head.top_layer)
+            bases, _ = head.basis_module(features)
+            attns, reg = det["top_feats"][:, :-4], det["top_feats"][:, -4:]
+            # BlendMaskHead._unclipped_boxes: the regression at the detection's location x its stride
+            strides = torch.tensor(fcos.strides, dtype=reg.dtype)[det["fpn_levels"]]
+            crop_boxes = decode_ltrb(det["locations"], reg * strides[:, None])
+            rois = roi_align_exact(bases, crop_boxes, torch.zeros_like(det["classes"]), head.bottom_resolution,
+                                   head.pooler_scale, head.sampling_ratio)
+            probs = blend(rois, attns, head.attn_size, head.top_interp).sigmoid()  # (R, S, S)
+        else:
+            det = fcos_detections(model.proposal_generator, features, image_size, top_module=head.top_layer)
+            bases, _ = head.basis_module(features)
+            im_inds = torch.zeros_like(det["classes"])
+            probs = head.mask_logits(bases, det["boxes"], im_inds, det["top_feats"]).sigmoid()  # (R, S, S)
         boxes, keep = rescale_boxes(det["boxes"], image_size, output_size)
         boxes, probs = boxes[keep], probs[keep]
         masks = paste_masks(probs, boxes, output_size, head.mask_threshold)
