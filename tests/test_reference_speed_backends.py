@@ -93,21 +93,21 @@ def test_onnx_and_bf16_backends_run_and_onnx_matches_float32(weights, monkeypatc
 
 
 def test_a_model_without_export_graph_gets_no_onnx_backend(tmp_path):
-    """BlendMask with CROP_UNCLIPPED_BOXES (as AdelaiDet crops; the shipped R-50 config) has no
-    graph: the comparison goes on without ONNX Runtime and says why; asked alone, it raises."""
+    """PointINS with DYNAMIC_KERNEL_SIZE > 1 has no graph: the comparison goes on without ONNX
+    Runtime and says why; asked alone, it raises."""
     from d2seg.config import get_d2seg_cfg
     from detectron2.modeling import build_model
 
     cfg = get_d2seg_cfg()
-    cfg.merge_from_file(os.path.join(ROOT, "configs/BlendMask/blendmask_R18_shapes.yaml"))
+    cfg.merge_from_file(os.path.join(ROOT, "configs/PointINS/pointins_fcos_R18_shapes.yaml"))
     cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.BLENDMASK.CROP_UNCLIPPED_BOXES = True
+    cfg.MODEL.POINTINS.DYNAMIC_KERNEL_SIZE = 3
     model = build_model(cfg).eval()
     images = rs.make_images(0, [(64, 96)], False)
     unavailable = {}
     runners = rs.d2seg_backends(model, cfg, images, ["d2seg", "onnx"], str(tmp_path), unavailable)
-    assert list(runners) == ["d2seg"] and "CROP_UNCLIPPED_BOXES" in unavailable["onnx"]
-    with pytest.raises(ValueError, match="CROP_UNCLIPPED_BOXES"):
+    assert list(runners) == ["d2seg"] and "DYNAMIC_KERNEL_SIZE" in unavailable["onnx"]
+    with pytest.raises(ValueError, match="DYNAMIC_KERNEL_SIZE"):
         rs.d2seg_backends(model, cfg, images, ["onnx"], str(tmp_path))
     with pytest.raises(ValueError, match="unknown backend"):
         rs.d2seg_backends(model, cfg, images, ["int8"], str(tmp_path))
