@@ -29,6 +29,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime intra-op threads (default 1)")
     p.add_argument("--random-encoding", action="store_true",
                    help="MEInst: a mask encoding fitted to random discs (MODEL.MEINST.PATH_COMPONENTS)")
-    p.add_argument("--onnx", default="", help="keep the exported file here (default: a temporary folder)")
+    p.add_argument("--onnx", default="", help="keep the exported file here (default: a temporary folder, removed)")
     p.add_argument("--also-onnx", default="", metavar="FILE",
                    help="time this exported file too, as a third side (e.g. one exported before a change, with "
                         "the same seed and overrides): its own stored config")
@@ -138,12 +139,19 @@ def torch_profile(model, inputs, top: int) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="onnx_profile_")
+    try:
+        return run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, tmp: str) -> int:
     torch.set_num_threads(args.threads)
     import d2seg  # noqa: F401  (registers every method)
     from d2seg.deploy import ONNXModel, export_onnx
     from d2seg.engine import AtomicCheckpointer, Trainer, setup_cfg
 
-    tmp = tempfile.mkdtemp(prefix="onnx_profile_")
     opts = list(args.opts) + ["MODEL.DEVICE", "cpu"]
     if args.random_encoding:
         probe = setup_cfg(args.config_file, opts + ["MODEL.MEINST.PATH_COMPONENTS", "unused.npz"])
