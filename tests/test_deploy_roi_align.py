@@ -1,12 +1,14 @@
-"""d2seg.deploy.roi_align.roi_align_exact equals torchvision's roi_align(aligned=True) with a
-fixed sampling ratio, on boxes inside, across and wholly outside the map, tiny, huge and
-inverted, on several images of a batch; eagerly and under ONNX Runtime (dynamic sizes)."""
+"""BlendMask's crop (d2seg.blendmask.blender.crop_bases: torchvision's roi_align, aligned, a
+fixed sampling ratio) exported to ONNX RoiAlign gives torchvision's values under ONNX Runtime
+on boxes inside, across and wholly outside the map, tiny, huge and inverted, on several images
+of a batch (dynamic sizes): the BlendMask graph with CROP_UNCLIPPED_BOXES True crops boxes that
+leave the image with it."""
 import onnxruntime as ort
 import pytest
 import torch
 from torchvision.ops import roi_align
 
-from d2seg.deploy.roi_align import roi_align_exact
+from d2seg.blendmask.blender import crop_bases
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,43 +42,22 @@ def _reference(features, boxes, inds, size, ratio):
     return roi_align(features, rois, (size, size), spatial_scale=SCALE, sampling_ratio=ratio, aligned=True)
 
 
-@pytest.mark.parametrize("ratio", [1, 2])
-def test_equals_torchvision(ratio):
-    g = torch.Generator().manual_seed(ratio)
-    features = torch.randn(3, 5, 13, 17, generator=g)
-    boxes = _boxes(300, 13 * 4, 17 * 4, seed=ratio)
-    inds = torch.randint(0, 3, (len(boxes),), generator=g)
-    ref = _reference(features, boxes, inds, 28, ratio)
-    out = roi_align_exact(features, boxes, inds, 28, SCALE, ratio)
-    assert out.shape == ref.shape == (len(boxes), 5, 28, 28)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    # the cases the test is about: samples outside the map (zeros, clamped), all images used
-    assert (ref[-8] == 0).all() and (ref[-7] == 0).all()
-    assert torch.equal(ref[-4], features[inds[-4], :, :1, :1].expand(5, 28, 28))
-    huge = ref[-6].abs().sum(0)
-    assert (huge == 0).any() and (huge > 0).any()
-    assert set(inds.tolist()) == {0, 1, 2}
-
-
-def test_no_boxes_and_bad_ratio():
-    features = torch.randn(1, 2, 5, 6)
-    out = roi_align_exact(features, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 7, SCALE, 1)
-    assert out.shape == (0, 2, 7, 7)
-    with pytest.raises(ValueError, match="sampling_ratio"):
-        roi_align_exact(features, torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), 7, SCALE, 0)
-
-
 class _Crop(torch.nn.Module):
+    def __init__(self, ratio):
+        super().__init__()
+        self.ratio = ratio
+
     def forward(self, features, boxes, inds):
-        return roi_align_exact(features, boxes, inds, 14, SCALE, 2)
+        return crop_bases(features, boxes, inds, 14, SCALE, self.ratio)
 
 
-def test_onnxruntime_equals_torchvision(tmp_path):
+@pytest.mark.parametrize("ratio", [1, 2])
+def test_onnxruntime_equals_torchvision(tmp_path, ratio):
     """Exported once (dynamic batch, map size and number of boxes), run at two other sizes."""
     path = str(tmp_path / "roi_align.onnx")
     g = torch.Generator().manual_seed(0)
     example = (torch.randn(2, 3, 9, 11, generator=g), _boxes(10, 36, 44, seed=0), torch.zeros(18, dtype=torch.long))
-    torch.onnx.export(_Crop(), example, path, dynamo=False, opset_version=17,
+    torch.onnx.export(_Crop(ratio), example, path, dynamo=False, opset_version=17,
                       input_names=["features", "boxes", "inds"], output_names=["rois"],
                       dynamic_axes={"features": [0, 2, 3], "boxes": [0], "inds": [0], "rois": [0]})
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -85,4 +66,10 @@ def test_onnxruntime_equals_torchvision(tmp_path):
         boxes = _boxes(100, h * 4, w * 4, seed=h)
         inds = torch.randint(0, n, (len(boxes),), generator=g)
         out = session.run(None, {"features": features.numpy(), "boxes": boxes.numpy(), "inds": inds.numpy()})[0]
-        torch.testing.assert_close(torch.from_numpy(out), _reference(features, boxes, inds, 14, 2), atol=1e-5, rtol=0)
+        ref = _reference(features, boxes, inds, 14, ratio)
+        torch.testing.assert_close(torch.from_numpy(out), ref, atol=1e-5, rtol=0)
+        # the cases the test is about: wholly outside (zeros), clamped to the first cell, a huge box
+        assert (ref[-8] == 0).all() and (ref[-7] == 0).all()
+        assert torch.equal(ref[-4], features[inds[-4], :, :1, :1].expand(3, 14, 14))
+        huge = ref[-6].abs().sum(0)
+        assert (huge == 0).any() and (huge > 0).any()

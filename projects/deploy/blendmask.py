@@ -11,21 +11,18 @@ The crop, as the PyTorch head does it:
         aligned; the boxes lie in the image, where it equals torchvision's roi_align);
     CROP_UNCLIPPED_BOXES True (AdelaiDet's convention, the COCO configs): the boxes as FCOS
         regressed them, before clipping, decoded from the regression at each detection's
-        location; they leave the image, where ONNX RoiAlign's sampling differs from
-        torchvision's, so the crop is :func:`d2seg.deploy.roi_align.roi_align_exact`
-        (torchvision's rules from plain ops). The masks are pasted into the clipped boxes in
-        both cases.
+        location, with the same ONNX RoiAlign (it equals torchvision's roi_align outside the
+        map too: zeros beyond -1, clamped between -1 and 0; tests/test_deploy_roi_align.py).
+        The masks are pasted into the clipped boxes in both cases.
 """
 import torch
 
-from d2seg.blendmask.blender import blend
 from d2seg.blendmask.blendmask import BlendMaskHead
 from d2seg.fcos.inference import decode_ltrb
 
 from .fcos import MASK_HEAD_GRAPHS, fcos_detections
 from .graph import InstancesGraph, rescale_boxes
 from .masks import paste_masks
-from .roi_align import roi_align_exact
 
 __all__ = ["BlendMaskGraph"]
 
@@ -71,9 +68,7 @@ class BlendMaskGraph(InstancesGraph):
             # BlendMaskHead._unclipped_boxes: the regression at the detection's location x its stride
             strides = torch.tensor(fcos.strides, dtype=reg.dtype)[det["fpn_levels"]]
             crop_boxes = decode_ltrb(det["locations"], reg * strides[:, None])
-            rois = roi_align_exact(bases, crop_boxes, torch.zeros_like(det["classes"]), head.bottom_resolution,
-                                   head.pooler_scale, head.sampling_ratio)
-            probs = blend(rois, attns, head.attn_size, head.top_interp).sigmoid()  # (R, S, S)
+            probs = head.mask_logits(bases, crop_boxes, torch.zeros_like(det["classes"]), attns).sigmoid()
         else:
             det = fcos_detections(model.proposal_generator, features, image_size, top_module=head.top_layer)
             bases, _ = head.basis_module(features)
