@@ -59,9 +59,25 @@ def weights(tmp_path):
 
 
 def test_onnx_and_bf16_backends_run_and_onnx_matches_float32(weights, monkeypatch):
+    """... with ``threads`` 2 (``--threads 2``): torch's threads in both workers and ONNX
+    Runtime's intra-op threads."""
+    import d2seg.deploy
+
     monkeypatch.setenv("D2SEG_CPU_BF16", "1")  # bfloat16 also on a CPU without it (emulated; tiny model)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the workers set them (threads here: restore)
+        monkeypatch.setenv(var, "1")
     threads = torch.get_num_threads()
-    args = {"sizes": [(64, 96)], "seed": 0, "checkout": None, "workdir": weights, "pair": PAIR}
+    torch_threads, sessions = [], []
+    set_num_threads = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (torch_threads.append(n), set_num_threads(n))[1])
+
+    class RecordedONNXModel(d2seg.deploy.ONNXModel):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            sessions.append(self.session)
+
+    monkeypatch.setattr(d2seg.deploy, "ONNXModel", RecordedONNXModel)
+    args = {"sizes": [(64, 96)], "seed": 0, "checkout": None, "workdir": weights, "pair": PAIR, "threads": 2}
     sides = {"reference": ThreadSide(args, ["d2seg"]), "d2seg": ThreadSide(args, list(rs.BACKENDS))}
     try:
         for s in sides.values():
@@ -71,8 +87,10 @@ def test_onnx_and_bf16_backends_run_and_onnx_matches_float32(weights, monkeypatc
     finally:
         for s in sides.values():
             s.close()
-        torch.set_num_threads(threads)
+        set_num_threads(threads)
     assert [f for f in os.listdir(weights) if f.endswith(".onnx")] == ["model_64x96.onnx"]
+    assert torch_threads == [2, 2]  # both workers (reference and d2seg: float32 and bfloat16)
+    assert [s.get_session_options().intra_op_num_threads for s in sessions] == [2]
     assert row["parity"] and row["backend_parity"] == {"onnx": True, "bf16": row["backend_parity"]["bf16"]}
     assert len(loads) == 2
     for b in rs.BACKENDS:
@@ -111,3 +129,16 @@ def test_a_model_without_export_graph_gets_no_onnx_backend(tmp_path):
         rs.d2seg_backends(model, cfg, images, ["onnx"], str(tmp_path))
     with pytest.raises(ValueError, match="unknown backend"):
         rs.d2seg_backends(model, cfg, images, ["int8"], str(tmp_path))
+
+
+def test_threads_are_recorded_in_the_report(tmp_path):
+    import argparse
+    import json
+
+    args = argparse.Namespace(threads=2, reps=3, backends=["d2seg", "onnx"], seed=0, size=None)
+    rs.write_report([], args, 0.0, str(tmp_path), quiet=True)
+    assert json.loads((tmp_path / "reference_speed.json").read_text())["meta"]["threads"] == 2
+    md = (tmp_path / "reference_speed.md").read_text()
+    assert "2 threads per side" in md and "2 intra-op thread(s)" in md
+    with pytest.raises(SystemExit):
+        rs.main(["--threads", "0", "--models", "fcos", "--adelaidet", str(tmp_path)])

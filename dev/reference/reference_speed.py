@@ -12,7 +12,8 @@ state dict is converted by d2seg's converter and loaded strictly into d2seg's mo
 the matching shipped config (no option but the score threshold of the setting), and both run
 on the same images at the config's test size (short side ``INPUT.MIN_SIZE_TEST`` unless
 ``--size``; textured synthetic photographs with a few objects, dev/reference/reference_fixtures.py's
-``synthetic_images``), one thread, CPU, eval mode, ``torch.no_grad()``.
+``synthetic_images``), ``--threads`` threads (default 1) per side, CPU, eval mode,
+``torch.no_grad()``.
 
 Two settings: ``default`` (the configs' score thresholds) and ``all`` (every test-time score
 threshold 0 on both sides: each model returns its maximum number of detections, 100 per
@@ -22,7 +23,7 @@ no threshold: only ``default``.
 d2seg's side runs in up to three backends of the one model (``--backends``): ``d2seg``
 (PyTorch float32, the parity reference of the other two), ``onnx`` (the model exported by
 ``d2seg.deploy.export_onnx`` at each image's size, a fixed-size graph, run by
-``d2seg.deploy.ONNXModel`` on ONNX Runtime's CPU provider with one intra-op thread) and
+``d2seg.deploy.ONNXModel`` on ONNX Runtime's CPU provider with ``--threads`` intra-op threads) and
 ``bf16`` (PyTorch under ``TEST.PRECISION bfloat16``, ``d2seg.engine.at_precision``). The ONNX
 Runtime detections must equal d2seg float32's (the same tolerances as below); for bfloat16 the
 difference in the number of detections (semantic: pixels whose argmax differs) is reported.
@@ -35,7 +36,9 @@ backend in turn (the order rotates from call to call). Reported: median time per
 (all images) of each, and per backend the ratio reference / backend as the median of the
 per-repetition ratios (with its min-max). The two models live in two worker processes (AdelaiDet and d2seg both register
 e.g. ``OneStageDetector`` and ``FCOS`` in Detectron2's registries), only one of which computes
-at a time.
+at a time. ``--threads N`` sets ``torch.set_num_threads(N)`` in both workers (the reference,
+d2seg float32 and bfloat16) and ``ONNXModel(..., num_threads=N)`` for ONNX Runtime, and
+``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` to N for the workers it starts.
 
 The machine may be shared: absolute times move with its load (the 1-minute load average is
 recorded), only the ratios of alternating runs mean something.
@@ -99,7 +102,7 @@ PAIRS = {
 }
 SETTINGS = ("default", "all")
 # d2seg's backends of one model: PyTorch float32 (always timed: the other two's parity reference),
-# ONNX Runtime (fixed-size export, one intra-op thread), PyTorch at TEST.PRECISION bfloat16
+# ONNX Runtime (fixed-size export, --threads intra-op threads), PyTorch at TEST.PRECISION bfloat16
 BACKENDS = ("d2seg", "onnx", "bf16")
 BACKEND_TITLES = {"d2seg": "d2seg", "onnx": "ONNX Runtime", "bf16": "bfloat16"}
 # SOLOv2's category bias at the published widths (the fixture's -2.8 is for its narrow model:
@@ -256,14 +259,15 @@ def build_d2seg(pair: Dict, weights: Dict, opts: List, workdir: str):
     return model, cfg
 
 
-def d2seg_backends(model, cfg, images: List[Dict], backends, workdir: str, unavailable: Optional[Dict] = None
-                   ) -> Dict:
+def d2seg_backends(model, cfg, images: List[Dict], backends, workdir: str, unavailable: Optional[Dict] = None,
+                   threads: int = 1) -> Dict:
     """name -> callable(batched_inputs) for each of ``backends`` (:data:`BACKENDS`) of one
     d2seg model in eval mode: "d2seg" the model itself (float32); "bf16" the model under
     ``TEST.PRECISION bfloat16`` (:func:`d2seg.engine.at_precision`: raises where the CPU lacks
     bfloat16); "onnx" the model exported with :func:`d2seg.deploy.export_onnx` at the size of
     each of ``images`` (fixed-size graphs, files in ``workdir``), each run by
-    :class:`d2seg.deploy.ONNXModel` with one intra-op thread on the images of its size.
+    :class:`d2seg.deploy.ONNXModel` with ``threads`` intra-op threads on the images of its size
+    (the PyTorch backends use the process's ``torch.get_num_threads()``).
     A model that d2seg.deploy cannot export (ValueError / ExportError naming the option) gets
     no "onnx" runner: the reason goes in ``unavailable["onnx"]`` when a dict is given, else
     the error is raised."""
@@ -288,7 +292,7 @@ def d2seg_backends(model, cfg, images: List[Dict], backends, workdir: str, unava
                 if (h, w) not in sessions:
                     path = os.path.join(workdir, f"model_{h}x{w}.onnx")
                     export_onnx(model, path, cfg, height=h, width=w, dynamic=False)
-                    sessions[(h, w)] = ONNXModel(path, cfg, num_threads=1)
+                    sessions[(h, w)] = ONNXModel(path, cfg, num_threads=threads)
         except (ValueError, ExportError) as e:
             if unavailable is None:
                 raise
@@ -310,9 +314,11 @@ def worker(side: str, pair_name: str, args: Dict, conn):
     Commands on ``conn``: ("build", setting) -> ("built", info); ("check", i, backend) ->
     ("result", count, summary, seconds); ("time", i, backend) -> ("time", seconds, count);
     ("quit",). ``backend``: one of ``args["backends"]`` on d2seg's side (see
-    :func:`d2seg_backends`; None: float32), ignored on the reference's."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+    :func:`d2seg_backends`; None: float32), ignored on the reference's. ``args["threads"]``
+    (default 1): torch's threads in this worker and ONNX Runtime's intra-op threads."""
+    threads = int(args.get("threads", 1))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
     pair = args.get("pair") or PAIRS[pair_name]
     semantic = pair.get("semantic", False)
     model = None
@@ -339,7 +345,7 @@ def worker(side: str, pair_name: str, args: Dict, conn):
                 model.eval()
                 if side != "reference":
                     runners = d2seg_backends(model, cfg, images, args.get("backends", BACKENDS[:1]),
-                                             args["workdir"], unavailable)
+                                             args["workdir"], unavailable, threads=threads)
                 conn.send(("built", {"sizes": [(d["height"], d["width"]) for d in images], "opts": opts,
                                      "unavailable": unavailable}))
                 continue
@@ -491,7 +497,7 @@ def run_pair(name: str, checkout: str, args) -> Dict:
     short, cap = test_size(pair["d2seg_config"], args.size)
     backends = ["d2seg"] + [b for b in getattr(args, "backends", ()) if b != "d2seg"]
     wargs = {"sizes": image_sizes(short, cap, semantic)[:args.images], "seed": args.seed, "checkout": checkout,
-             "workdir": workdir, "pair": pair, "backends": backends}
+             "workdir": workdir, "pair": pair, "backends": backends, "threads": getattr(args, "threads", 1)}
     sides = {}
     rows = []
     try:
@@ -670,10 +676,11 @@ def _git(args) -> str:
 
 def write_report(rows: List[Dict], args, started: float, out: str, quiet: bool = False):
     os.makedirs(out, exist_ok=True)
+    threads = getattr(args, "threads", 1)
     meta = {"command": "python dev/reference/reference_speed.py " + " ".join(sys.argv[1:]),
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(started)),
             "wall_min": (time.time() - started) / 60, "torch": torch.__version__,
-            "threads": 1, "reps": args.reps, "backends": ["d2seg"] + [b for b in args.backends if b != "d2seg"], "seed": args.seed, "size": args.size,
+            "threads": threads, "reps": args.reps, "backends": ["d2seg"] + [b for b in args.backends if b != "d2seg"], "seed": args.seed, "size": args.size,
             "d2seg_commit": _git(["rev-parse", "HEAD"]),
             "d2seg_uncommitted": _git(["status", "--short", "--untracked-files=no"]).splitlines()}
     with open(os.path.join(out, "reference_speed.json"), "w") as f:
@@ -684,7 +691,8 @@ def write_report(rows: List[Dict], args, started: float, out: str, quiet: bool =
              + (f" with uncommitted changes in {len(meta['d2seg_uncommitted'])} files"
                 if meta["d2seg_uncommitted"] else ""),
              f"- Date: {meta['date_utc']} UTC, {meta['wall_min']:.1f} min; torch {meta['torch']}, CPU, "
-             f"1 thread per side, eval mode, torch.no_grad(), batch 1",
+             f"{threads} thread{'s' if threads > 1 else ''} per side (torch.set_num_threads; ONNX Runtime "
+             f"intra-op threads), eval mode, torch.no_grad(), batch 1",
              f"- {args.reps} repetitions per pair and setting; a repetition times every image on "
              "both sides in turn (which side goes first alternates); the first call per image is "
              "untimed and checks parity",
@@ -692,8 +700,8 @@ def write_report(rows: List[Dict], args, started: float, out: str, quiet: bool =
              "- Settings: default = the configs' score thresholds; all = every test-time score "
              "threshold 0 on both sides (maximum detections)",
              f"- d2seg backends: {', '.join(BACKEND_TITLES[b] for b in meta['backends'])} (ONNX Runtime "
-             "{}: fixed-size export per image size, 1 intra-op thread; bfloat16: TEST.PRECISION "
-             "bfloat16)".format(_ort_version()) if len(meta["backends"]) > 1 else "",
+             "{}: fixed-size export per image size, {} intra-op thread(s); bfloat16: TEST.PRECISION "
+             "bfloat16)".format(_ort_version(), threads) if len(meta["backends"]) > 1 else "",
              "", header(meta["backends"])] + [format_row(r) for r in rows]
     with open(os.path.join(out, "reference_speed.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -711,6 +719,9 @@ def main(argv=None):
                    help="short side of the images (default: each config's INPUT.MIN_SIZE_TEST)")
     p.add_argument("--images", type=int, default=2, choices=(1, 2), help="images per repetition (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads per side: torch.set_num_threads in both workers, ONNX Runtime's intra-op "
+                        "threads (default 1)")
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS),
                    help="d2seg's backends timed with the reference (default all; d2seg float32 always)")
     p.add_argument("--adelaidet", help="checkout of aim-uofa/AdelaiDet")
@@ -718,13 +729,15 @@ def main(argv=None):
     p.add_argument("--detectron2", help="Detectron2 source tree (projects/PointRend)")
     p.add_argument("--out", default="output/reference_speed")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1 (got {args.threads})")
     checkouts = {"adelaidet": args.adelaidet, "sparseinst": args.sparseinst, "detectron2": args.detectron2}
     for name in args.models:
         c = PAIRS[name]["checkout"]
         if not checkouts[c] or not os.path.isdir(checkouts[c]):
             p.error(f"{name} needs --{c} <checkout> (got {checkouts[c]!r})")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
     started = time.time()
     rows = []
     print(header(args.backends), flush=True)
