@@ -9,6 +9,9 @@ import pytest
 
 # Before d2seg is imported anywhere: where the built-in data sets are generated.
 os.environ.setdefault("DETECTRON2_DATASETS", tempfile.mkdtemp(prefix="d2seg-test-datasets-"))
+# The shapes configs start from d2seg://shapes/R18-GN-pretrained (15 min to make): tests train from
+# scratch (MODEL.WEIGHTS ""), and one that would make it implicitly fails at once instead.
+os.environ.setdefault("D2SEG_PRETRAIN_ON_FIRST_USE", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +50,7 @@ TINY_SHAPES = [
     "SOLVER.IMS_PER_BATCH", "2",
     "SOLVER.WARMUP_ITERS", "2",
     "DATALOADER.NUM_WORKERS", "0",
+    "MODEL.WEIGHTS", "",
 ]
 
 

@@ -99,6 +99,7 @@ def fit_opts(plan, output_dir):
         "SOLVER.IMS_PER_BATCH", str(plan.images),
         "DATALOADER.NUM_WORKERS", "0",
         "OUTPUT_DIR", str(output_dir),
+        "MODEL.WEIGHTS", "",  # the fits memorise from scratch, as they did before the pretrained default
     ] + list(plan.opts)
 
 

@@ -159,7 +159,7 @@ class Exported:
         opts = list(opts) + list(extra_opts)
         # a callable in the overrides makes its value: a file in the temporary folder
         opts = [o(os.path.join(tmp_dir, "file.npz")) if callable(o) else o for o in opts]
-        self.cfg = setup_cfg(os.path.join(CONFIGS, config), ["MODEL.DEVICE", "cpu"] + opts,
+        self.cfg = setup_cfg(os.path.join(CONFIGS, config), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + opts,
                              follow_dataset_classes=False)
         torch.manual_seed(0)
         self.model = build_model(self.cfg).eval()

@@ -64,12 +64,19 @@ def test_cache_makes_once_and_names_unknown_backbones(tmp_path, monkeypatch):
     recipe = pretrained.PretrainRecipe(num_images=12, num_held_out=4, iters=2, batch_size=4, crop_size=32)
     monkeypatch.setitem(pretrained.RECIPES, "tiny-test", recipe)
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    monkeypatch.setenv("D2SEG_PRETRAIN_ON_FIRST_USE", "0")  # the test suite's setting: no implicit pretraining
+    with pytest.raises(RuntimeError, match="not cached.*pretrain_backbone.py.*MODEL.WEIGHTS"):
+        pretrained.resolve_pretrained("d2seg://shapes/tiny-test")
+    assert not os.path.exists(pretrained.cached_path("tiny-test"))
+    monkeypatch.setenv("D2SEG_PRETRAIN_ON_FIRST_USE", "1")
     path = pretrained.resolve_pretrained("d2seg://shapes/tiny-test")
     assert path.startswith(str(tmp_path)) and os.path.isfile(path)
     assert recipe.digest() in path
     mtime = os.path.getmtime(path)
     assert pretrained.resolve_pretrained("shapes/tiny-test") == path
     assert os.path.getmtime(path) == mtime  # cached, not made again
+    monkeypatch.setenv("D2SEG_PRETRAIN_ON_FIRST_USE", "0")
+    assert pretrained.resolve_pretrained("shapes/tiny-test") == path  # a cached one loads either way
     with pytest.raises(KeyError, match="R18-GN-pretrained"):
         pretrained.resolve_pretrained("shapes/R99")
 
@@ -107,3 +114,30 @@ def test_checkpoint_loads_only_the_backbone(config, tiny_checkpoint, tmp_path):
     for k, src in loaded.items():
         assert torch.equal(after[k], ckpt[src]), k
     assert changed <= set(loaded), sorted(changed - set(loaded))[:5]
+
+
+@pytest.mark.parametrize("config", SHAPES_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIGS))
+def test_shapes_configs_start_from_the_pretrained_backbone(config):
+    """The common budget's default (issue 28): every shapes config starts from the shapes-pretrained
+    backbone; from scratch is the documented override MODEL.WEIGHTS ""."""
+    from d2seg.engine.trainer import setup_cfg
+
+    assert setup_cfg(config, follow_dataset_classes=False).MODEL.WEIGHTS == "d2seg://shapes/R18-GN-pretrained"
+    assert setup_cfg(config, ["MODEL.WEIGHTS", ""], follow_dataset_classes=False).MODEL.WEIGHTS == ""
+
+
+def test_training_without_the_cached_backbone_says_how(tmp_path, monkeypatch):
+    """With D2SEG_PRETRAIN_ON_FIRST_USE=0 and nothing cached, train_net.py stops at once with the
+    two ways out, instead of pretraining for 15 minutes."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), D2SEG_PRETRAIN_ON_FIRST_USE="0",
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(CONFIGS, "..", "tools", "train_net.py"), "--config-file",
+           os.path.join(CONFIGS, "FCOS", "fcos_R18_shapes.yaml"), "D2SEG.SHAPES.NUM_TRAIN", "4",
+           "D2SEG.SHAPES.NUM_VAL", "2", "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(tmp_path / "out")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode != 0
+    assert "R18-GN-pretrained is not cached" in res.stderr and 'MODEL.WEIGHTS ""' in res.stderr, res.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "datasets" / "shapes_pretrained")

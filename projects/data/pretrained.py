@@ -275,9 +275,17 @@ def ensure_pretrained(name, recipe=None, root=None):
 
 
 def resolve_pretrained(name):
-    """``d2seg://shapes/<name>`` (or ``shapes/<name>``) -> the local checkpoint path."""
+    """``d2seg://shapes/<name>`` (or ``shapes/<name>``) -> the local checkpoint path, pretrained
+    now if it is not cached yet, unless the environment says ``D2SEG_PRETRAIN_ON_FIRST_USE=0``
+    (the test suite does: an uncached name is then an error, not 15 minutes of pretraining)."""
     if name.startswith("d2seg://"):
         name = name[len("d2seg://"):]
     if name.startswith(PREFIX):
         name = name[len(PREFIX):]
+    if os.environ.get("D2SEG_PRETRAIN_ON_FIRST_USE", "1") == "0" and name in RECIPES \
+            and not os.path.isfile(cached_path(name)):
+        raise RuntimeError(
+            f"d2seg://{PREFIX}{name} is not cached under {os.path.dirname(os.path.dirname(cached_path(name)))} "
+            "and D2SEG_PRETRAIN_ON_FIRST_USE=0 forbids making it now: make it with "
+            "`python tools/pretrain_backbone.py`, or train from scratch with MODEL.WEIGHTS \"\"")
     return ensure_pretrained(name)
