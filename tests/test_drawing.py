@@ -158,3 +158,61 @@ def test_render_equals_matplotlibs_picture_up_to_rounding():
     assert (np.abs(theirs.astype(int) - image.astype(int)) > 10).mean() > 0.05  # the drawing is in the picture
     scaled = Visualizer(image, meta, instance_mode=ColorMode.IMAGE, scale=2.0).draw_box((5, 5, 50, 50))
     assert render(scaled).shape == (180, 240, 3)  # scaled pictures: matplotlib's own rendering
+
+
+@pytest.mark.parametrize("holes", [False, True])
+def test_semantic_picture_equals_detectron2s_up_to_rounding(holes):
+    """draw_sem_seg: the regions with holes blended into the photo rather than laid over it as
+    float32 layers; regions without holes drawn as Detectron2 draws them."""
+    from d2seg.engine.drawing import draw_sem_seg
+
+    image = np.random.RandomState(2).randint(0, 255, (80, 100, 3), dtype=np.uint8)
+    sem = torch.zeros(80, 100, dtype=torch.long)
+    sem[10:50, 20:70] = 1
+    sem[60:75, 5:40] = 2
+    if holes:
+        sem[20:30, 30:40] = 0  # a hole in class 1
+    sem[0:3, 90:100] = 7  # a label beyond the classes: not drawn
+    meta = MetadataCatalog.get("__drawing_sem_test")
+    meta.stuff_classes = ["bg", "a", "b"]
+    meta.stuff_colors = [[10, 20, 30], [200, 50, 50], [50, 200, 50]]
+    theirs = Visualizer(image, meta).draw_sem_seg(sem).get_image()
+    vis = draw_sem_seg(Visualizer(image, meta), sem)
+    ours = render(vis)
+    diff = np.abs(ours.astype(int) - theirs.astype(int))
+    assert diff.max() <= 3 and diff.mean() < 0.5, (diff.max(), diff.mean())
+    assert (np.abs(theirs.astype(int) - image.astype(int)) > 10).mean() > 0.3  # the regions are drawn
+    assert len(vis.ax.get_images()) == 1  # no full-size layer per class
+
+
+def test_text_positions_equal_detectron2s():
+    from d2seg.engine import drawing
+
+    rng = np.random.RandomState(5)
+    for _ in range(20):
+        mask = (rng.rand(40, 50) > 0.6).astype(np.uint8)
+        mask[5:30, 10:45] = 1
+        calls = {}
+        for name, fn in (("ours", lambda v, m: drawing._draw_text_in_mask(v, m, "t", (1, 1, 1))),
+                         ("theirs", lambda v, m: v._draw_text_in_mask(m, "t", (1, 1, 1)))):
+            vis = Visualizer(np.zeros((40, 50, 3), np.uint8))
+            fn(vis, mask)
+            calls[name] = [t.get_position() for t in vis.output.ax.texts]
+        assert calls["ours"] == calls["theirs"] and calls["ours"]
+
+
+def test_large_image_memory_script_runs(tmp_path):
+    """dev/bench/large_image_memory.py end to end on one config and a small photo."""
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "rows.json"
+    res = subprocess.run([sys.executable, os.path.join(repo, "dev", "bench", "large_image_memory.py"), "--configs",
+                          "configs/quick/mask_rcnn_shapes.yaml", "--height", "300", "--width", "400",
+                          "--drawing", "d2seg", "--json", str(out)], capture_output=True, text=True, cwd=repo,
+                         timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and rows[0]["instances"] == 100, rows  # every threshold at 0: the cap
+    assert rows[0]["need_mib"] == pytest.approx((100 * 300 * 400 + 300 * 400 * 3) / 2**20)
+    assert "| configs/quick/mask_rcnn_shapes.yaml | d2seg | 100 |" in res.stdout

@@ -33,7 +33,7 @@ import d2seg  # noqa: F401  (registers every method and the built-in data sets)
 from d2seg.config import flag_among_opts
 from d2seg.data import read_image_8bit
 from d2seg.engine import Predictor, setup_cfg
-from d2seg.engine.drawing import draw_instances, render
+from d2seg.engine.drawing import draw_instances, draw_sem_seg, render
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -118,7 +118,8 @@ def visualise(image_rgb, predictions, metadata, threshold, scale=1.0):
         # Detectron2's picture without copying the masks (a 3000x4000 photo's 100 masks are 1.1 GiB)
         return draw_instances(vis, inst, keep), int(keep.sum()) if keep is not None else len(inst), best
     if "sem_seg" in predictions:
-        return vis.draw_sem_seg(predictions["sem_seg"].argmax(dim=0).to("cpu")), None, None
+        # Detectron2's picture without a float32 RGBA layer of the whole image per class
+        return draw_sem_seg(vis, predictions["sem_seg"].argmax(dim=0).to("cpu")), None, None
     raise ValueError(f"the model returned neither 'instances' nor 'sem_seg': {list(predictions)}")
 
 
