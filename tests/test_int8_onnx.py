@@ -90,6 +90,7 @@ def test_evaluation_of_both_files(run):
     for side in ("float32", "int8"):
         ap = ev[side]["results"]["bbox"]["AP"]
         assert ap is not None and 0.0 <= ap <= 100.0, side
+    assert "--weights '' --calib 3" in report["command"]  # the command as a shell would take it
     assert ev["int8_minus_float32"]["bbox"]["AP"] == pytest.approx(
         ev["int8"]["results"]["bbox"]["AP"] - ev["float32"]["results"]["bbox"]["AP"])
 

@@ -52,6 +52,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -212,18 +213,26 @@ def quantize(float_path, int8_path, feeds, op_types, activation_type="uint8", ca
     from onnxruntime.quantization import quantize_static
 
     class Reader(CalibrationDataReader):
+        """The feeds, one at a time, within the range quantize_static sets (CalibStridedMinMax)."""
+
         def __init__(self, items):
             self.items = list(items)
-            self.pos = 0
+            self.pos, self.end = 0, len(self.items)
 
         def get_next(self):
-            if self.pos >= len(self.items):
+            if self.pos >= self.end:
                 return None
             self.pos += 1
             return self.items[self.pos - 1]
 
+        def __len__(self):
+            return len(self.items)
+
+        def set_range(self, start_index, end_index):
+            self.pos, self.end = start_index, min(end_index, len(self.items))
+
         def rewind(self):
-            self.pos = 0
+            self.pos, self.end = 0, len(self.items)
 
     proto = onnx.load(float_path)
     nodes, skipped = weighted_nodes(proto, op_types)
@@ -239,9 +248,12 @@ def quantize(float_path, int8_path, feeds, op_types, activation_type="uint8", ca
             op_types_to_quantize=list(op_types) + (["Relu"] if relus else []), nodes_to_quantize=nodes + relus,
             per_channel=True, activation_type=qtype, weight_type=QuantType.QInt8,
             calibrate_method=getattr(CalibrationMethod, calibrate_method),
-            # one DequantizeLinear per consumer: ONNX Runtime fuses DQ -> Conv -> Q into an int8 QLinearConv
-            # only where the DQ feeds that Conv alone (a block's input also feeds its shortcut or residual Add)
-            extra_options={"DedicatedQDQPair": True})
+            # DedicatedQDQPair: one DequantizeLinear per consumer of a quantized tensor.
+            # CalibStridedMinMax 1: the calibrator runs one image per collection and merges the results
+            # (MinMax: min / max of the per-image ranges, as over all at once); the histogram methods
+            # (Percentile, Entropy) otherwise stack every image's tensor, which fails where a tensor's
+            # shape depends on the image (the ROI heads' per-proposal, the per-instance mask heads')
+            extra_options={"DedicatedQDQPair": True, "CalibStridedMinMax": 1})
         # (no CalibMaxIntermediateOutputs: onnxruntime 1.32's MinMax calibrator drops the batches it
         # clears there; MinMax keeps per image only the ReduceMin / ReduceMax scalars anyway)
     finally:
@@ -360,8 +372,8 @@ def main(argv=None):
     report = {"config": args.config_file, "weights": os.path.abspath(args.weights) if args.weights else "",
               "opts": list(args.opts), "threads": args.threads, "torch": torch.__version__,
               "onnxruntime": _ort_version(),
-              "command": " ".join([os.path.relpath(os.path.abspath(__file__), REPO)]
-                                  + (list(argv) if argv is not None else sys.argv[1:]))}
+              "command": shlex.join([os.path.relpath(os.path.abspath(__file__), REPO)]
+                                    + (list(argv) if argv is not None else sys.argv[1:]))}
 
     t0 = time.perf_counter()
     size = args.size or (None, None)
