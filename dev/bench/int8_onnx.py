@@ -47,7 +47,6 @@ What runs:
 timings, and the command.
 """
 import argparse
-import importlib.util
 import json
 import logging
 import math
@@ -60,16 +59,10 @@ import time
 import numpy as np
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shapes_val_backends import REPO, _clean, _tool  # noqa: E402  (tools/ loader, strict-JSON cleaning)
+
 SIDES = ("float32", "int8")
-
-
-def _tool(name):
-    """tools/<name>.py as a module (its functions, not its __main__ block)."""
-    spec = importlib.util.spec_from_file_location(f"_d2seg_tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(argv=None):
@@ -301,20 +294,6 @@ def _ort_version():
     import onnxruntime
 
     return onnxruntime.__version__
-
-
-def _clean(value):
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (str, bool, int)) or value is None:
-        return value
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return f if math.isfinite(f) else None
 
 
 def compare(a, b):
