@@ -29,28 +29,19 @@ THRESHOLD_KEYS = ["MODEL.FCOS.INFERENCE_TH_TEST", "MODEL.ROI_HEADS.SCORE_THRESH_
                   "MODEL.SPARSE_INST.CLS_THRESHOLD"]
 
 
-def _kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 class _Stage:
-    """Peak memory (MiB) a stage adds on top of the RSS at its start."""
+    """Peak memory (MiB) a stage adds on top of the RSS at its start: d2seg.benchmark's PeakMemory
+    (VmHWM reset through /proc/self/clear_refs at the start) as a context manager."""
 
     def __enter__(self):
-        import gc
+        from d2seg.benchmark.memory import PeakMemory
 
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        self.base = _kib("VmRSS")
+        self.peak = PeakMemory("cpu")
+        self.peak.start()
         return self
 
     def __exit__(self, *exc):
-        self.added_mib = (_kib("VmHWM") - self.base) / 1024.0
+        self.added_mib = self.peak.peak_mib()
 
 
 def _photo(height, width):
