@@ -10,45 +10,20 @@ The crop, as the PyTorch head does it:
     CROP_UNCLIPPED_BOXES False: the clipped detection boxes, with ONNX RoiAlign (half-pixel
         aligned; the boxes lie in the image, where it equals torchvision's roi_align);
     CROP_UNCLIPPED_BOXES True (AdelaiDet's convention, the COCO configs): the boxes as FCOS
-        regressed them, before clipping, decoded from the regression at each detection's
-        location, with the same ONNX RoiAlign (it equals torchvision's roi_align outside the
+        regressed them, before clipping (``fcos_detections``' ``unclipped_boxes``), with the
+        same ONNX RoiAlign (it equals torchvision's roi_align outside the
         map too: zeros beyond -1, clamped between -1 and 0; tests/test_deploy_roi_align.py).
         The masks are pasted into the clipped boxes in both cases.
 """
 import torch
 
 from d2seg.blendmask.blendmask import BlendMaskHead
-from d2seg.fcos.inference import decode_ltrb
 
 from .fcos import MASK_HEAD_GRAPHS, fcos_detections
 from .graph import InstancesGraph, rescale_boxes
 from .masks import paste_masks
 
 __all__ = ["BlendMaskGraph"]
-
-
-class _HeadWithRegression:
-    """FCOS's head whose ``top_feats`` carry the box regression (4 channels, / stride) after
-    the top module's: :func:`fcos_detections` then returns it at each detection."""
-
-    def __init__(self, head):
-        self.head = head
-
-    def __call__(self, feats, top_module=None, yield_towers=False):
-        out = self.head(feats, top_module=top_module, yield_towers=yield_towers)
-        out.top_feats = [torch.cat([t, r], dim=1) for t, r in zip(out.top_feats, out.bbox_reg)]
-        return out
-
-
-class _FCOSWithRegression:
-    """The FCOS module as :func:`fcos_detections` reads it, with :class:`_HeadWithRegression`."""
-
-    def __init__(self, fcos):
-        self._fcos = fcos
-        self.fcos_head = _HeadWithRegression(fcos.fcos_head)
-
-    def __getattr__(self, name):
-        return getattr(self._fcos, name)
 
 
 class BlendMaskGraph(InstancesGraph):
@@ -60,20 +35,11 @@ class BlendMaskGraph(InstancesGraph):
     def run(self, x, image_size, output_size):
         model, head = self.model, self.model.mask_head
         features = model.backbone(x)
-        if head.crop_unclipped_boxes:
-            fcos = model.proposal_generator
-            det = fcos_detections(_FCOSWithRegression(fcos), features, image_size, top_module=head.top_layer)
-            bases, _ = head.basis_module(features)
-            attns, reg = det["top_feats"][:, :-4], det["top_feats"][:, -4:]
-            # BlendMaskHead._unclipped_boxes: the regression at the detection's location x its stride
-            strides = torch.tensor(fcos.strides, dtype=reg.dtype)[det["fpn_levels"]]
-            crop_boxes = decode_ltrb(det["locations"], reg * strides[:, None])
-            probs = head.mask_logits(bases, crop_boxes, torch.zeros_like(det["classes"]), attns).sigmoid()
-        else:
-            det = fcos_detections(model.proposal_generator, features, image_size, top_module=head.top_layer)
-            bases, _ = head.basis_module(features)
-            im_inds = torch.zeros_like(det["classes"])
-            probs = head.mask_logits(bases, det["boxes"], im_inds, det["top_feats"]).sigmoid()  # (R, S, S)
+        det = fcos_detections(model.proposal_generator, features, image_size, top_module=head.top_layer)
+        bases, _ = head.basis_module(features)
+        crop_boxes = det["unclipped_boxes"] if head.crop_unclipped_boxes else det["boxes"]
+        im_inds = torch.zeros_like(det["classes"])
+        probs = head.mask_logits(bases, crop_boxes, im_inds, det["top_feats"]).sigmoid()  # (R, S, S)
         boxes, keep = rescale_boxes(det["boxes"], image_size, output_size)
         boxes, probs = boxes[keep], probs[keep]
         masks = paste_masks(probs, boxes, output_size, head.mask_threshold)

@@ -46,7 +46,8 @@ def fcos_detections(fcos, features, image_size: Tensor, top_module=None,
             under the same name at each detection (R, D).
     Returns:
         dict of boxes (R, 4), scores (R,), classes (R,) int64, fpn_levels (R,), locations (R, 2),
-        level_inds (R,) (the detection's location index within its level), with a top_module
+        level_inds (R,) (the detection's location index within its level), unclipped_boxes
+        (R, 4) (the boxes as regressed, before any clipping: BlendMask's AdelaiDet crop), with a top_module
         top_feats (R, D), the extras, and with ``yield_towers`` the L box tower maps under
         ``bbox_towers``; best score first.
     """
@@ -78,9 +79,8 @@ def fcos_detections(fcos, features, image_size: Tensor, top_module=None,
         inds_all.append(loc_idx)
         for k, maps in extras.items():
             extras_all[k].append(maps[lvl][0].permute(1, 2, 0).reshape(-1, maps[lvl].shape[1])[loc_idx])
-    boxes = torch.cat(boxes_all)
-    if fcos.clip_before_nms:
-        boxes = clip_boxes(boxes, image_size)
+    decoded = torch.cat(boxes_all)
+    boxes = clip_boxes(decoded, image_size) if fcos.clip_before_nms else decoded
     scores = torch.sqrt(torch.cat(scores_all))
     classes = torch.cat(classes_all)
     keep = batched_nms(boxes, scores, classes, fcos.nms_thresh)[: fcos.max_detections_per_image]
@@ -89,7 +89,7 @@ def fcos_detections(fcos, features, image_size: Tensor, top_module=None,
         boxes = clip_boxes(boxes, image_size)
     out = {"boxes": boxes, "scores": scores[keep], "classes": classes[keep],
            "fpn_levels": torch.cat(levels_all)[keep], "locations": torch.cat(locs_all)[keep],
-           "level_inds": torch.cat(inds_all)[keep]}
+           "level_inds": torch.cat(inds_all)[keep], "unclipped_boxes": decoded[keep]}
     if yield_towers:
         out["bbox_towers"] = head.bbox_towers
     for k, v in extras_all.items():
