@@ -80,15 +80,13 @@ def test_polygons_are_traced_from_a_view():
 
 
 _MEMORY_SCRIPT = textwrap.dedent("""
-    import json, re, sys, gc
+    import json, sys
     import numpy as np, torch
     from detectron2.data import MetadataCatalog
     from detectron2.structures import Boxes, Instances
     from detectron2.utils.visualizer import ColorMode, Visualizer
+    from d2seg.benchmark.memory import PeakMemory
     from d2seg.engine.drawing import draw_instances, render
-
-    def kib(field):
-        return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 
     h, w, n = 1000, 1500, 40
     g = torch.Generator().manual_seed(0)
@@ -103,15 +101,15 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     image = np.zeros((h, w, 3), dtype=np.uint8)
     meta = MetadataCatalog.get("__drawing_memory")
     meta.thing_classes = ["a"]
-    gc.collect()
-    open("/proc/self/clear_refs", "w").write("5")
-    base = kib("VmRSS")
+    peak = PeakMemory("cpu")
+    peak.start()  # resets the peak RSS (VmHWM)
+    assert peak.method.startswith("peak RSS"), peak.method
     vis = Visualizer(image, meta, instance_mode=ColorMode.IMAGE)
     if sys.argv[1] == "d2seg":
         picture = render(draw_instances(vis, inst, inst.scores >= 0.1))
     else:
         picture = vis.draw_instance_predictions(inst[inst.scores >= 0.1]).get_image()
-    print(json.dumps({"added_mib": (kib("VmHWM") - base) / 1024, "masks_mib": masks.numel() / 2**20,
+    print(json.dumps({"added_mib": peak.peak_mib(), "masks_mib": masks.numel() / 2**20,
                       "pixels": h * w}))
 """)
 
