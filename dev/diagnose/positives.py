@@ -140,16 +140,22 @@ def _gt_instances(model, batch):
     return [x["instances"].to(model.device) for x in batch]
 
 
+def _tally(gt, levels, img_inds, gt_inds, lvl_inds):
+    """Per image, an (objects, levels) count of the positives given as (image, object, level) triples."""
+    out = [torch.zeros((len(inst), levels), dtype=torch.long) for inst in gt]
+    for img, g, lvl in zip(img_inds, gt_inds, lvl_inds):
+        out[img][g, lvl] += 1
+    return out
+
+
 def _solo_counts(model, batch):
     gt = _gt_instances(model, batch)
     padded = tuple(model.preprocess_image(batch).tensor.shape[-2:])
     targets = assign_grid_targets(gt, padded, model.num_grids, model.scale_ranges, model.sigma,
                                   model.num_classes, model.center_convention, model.cell_conflict)
-    out = [torch.zeros((len(inst), len(targets)), dtype=torch.long) for inst in gt]
-    for lvl, t in enumerate(targets):
-        for img, g in zip(t.pos_img.tolist(), t.pos_gt.tolist()):
-            out[img][g, lvl] += 1
-    return {"": out}
+    lvl = [torch.full_like(t.pos_gt, i) for i, t in enumerate(targets)]
+    return {"": _tally(gt, len(targets), torch.cat([t.pos_img for t in targets]).tolist(),
+                       torch.cat([t.pos_gt for t in targets]).tolist(), torch.cat(lvl).tolist())}
 
 
 def _fcos_counts(model, batch):
@@ -161,10 +167,7 @@ def _fcos_counts(model, batch):
     pg = model.proposal_generator
     outputs = pg(images, features, gt)
     pos = outputs.positives
-    out = [torch.zeros((len(inst), len(pg.strides)), dtype=torch.long) for inst in gt]
-    for img, g, lvl in zip(pos.im_inds.tolist(), pos.gt_inds.tolist(), pos.fpn_levels.tolist()):
-        out[img][g, lvl] += 1
-    return {"": out}
+    return {"": _tally(gt, len(pg.strides), pos.im_inds.tolist(), pos.gt_inds.tolist(), pos.fpn_levels.tolist())}
 
 
 def _rcnn_counts(model, batch):
