@@ -201,3 +201,148 @@ def test_mapper_areas_follow_the_annotations(tmp_path):
     record["annotations"].append({**annos[0], "iscrowd": 1})
     out = tool.MapperWithAreas(D2SegDatasetMapper(cfg, is_train=True))(record)
     assert len(out["gt_areas"]) == len(out["instances"]) == 2
+
+
+# --classify: the trained classifier's scores at each object's own positives.
+
+def _dominant(model, layer, cls, high=5.0):
+    """Class ``cls`` scores sigmoid(high) everywhere, every other class sigmoid(-high)."""
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.fill_(-high)
+        layer.bias[cls] = high
+    return model
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("config", ["FCOS/fcos_R18_shapes.yaml", "CondInst/condinst_R18_shapes.yaml"])
+def test_classify_fcos_reads_the_dominant_class_at_its_positives(config):
+    model = _model(config)
+    _dominant(model, model.proposal_generator.fcos_head.cls_logits, 2)
+    x = _input(FCOS_SQUARES)
+    x["instances"].gt_classes = torch.tensor([2, 0])
+    before = _state(model)
+    (objs,) = tool.scores_at_positives(model, [x])
+    # eval mode afterwards (FCOS's own flag included) and no weight or buffer changed
+    assert not any(m.training for m in model.modules())
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [len(o["scores"]) for o in objs] == [4, 12]  # FCOS_EXPECTED's totals
+    assert objs[1]["levels"].tolist().count(1) == 8
+    hi, lo = torch.sigmoid(torch.tensor(5.0)), torch.sigmoid(torch.tensor(-5.0))
+    for o in objs:
+        assert torch.allclose(o["scores"][:, 2], hi.expand(len(o["scores"])))
+        assert torch.allclose(o["scores"][:, [0, 1, 3, 4]], lo.expand(len(o["scores"]), 4))
+        assert o["after_point_nms"] is None
+    s = tool.classification_summary([{**o, "area_group": "small"} for o in objs], 5)
+    assert s["positives"] == 16 and s["objects_without_positives"] == 0
+    assert s["accuracy_at_positives"] == pytest.approx(4 / 16)  # the class-2 object's 4 only
+    assert s["object_accuracy"] == 0.5
+    assert s["mean_max_score"] == pytest.approx(float(hi))
+    assert s["mean_gt_score"] == pytest.approx((4 * float(hi) + 12 * float(lo)) / 16)
+    assert s["confusion"][2] == [0, 0, 1, 0, 0, 0] and s["confusion"][0] == [0, 0, 1, 0, 0, 0]
+    assert s["mean_positives_above"] == 8.0 and s["frac_objects_2plus_above"] == 1.0
+
+
+def test_classify_fcos_scores_are_those_of_the_eval_forward():
+    # random classifier: every score returned at a positive is the eval-mode head's score at
+    # some location of that image's maps (the training flag of FCOS changes no computation)
+    model = _model("FCOS/fcos_R18_shapes.yaml")
+    with torch.no_grad():
+        torch.nn.init.normal_(model.proposal_generator.fcos_head.cls_logits.weight, std=0.5)
+    x = _input(FCOS_SQUARES)
+    (objs,) = tool.scores_at_positives(model, [x])
+    with torch.no_grad():
+        images = model.preprocess_image([x])
+        feats = model.backbone(images.tensor)
+        out = model.proposal_generator(images, feats)
+    from d2seg.fcos.fcos import flatten_levels
+
+    full = flatten_levels(out.logits)[0].sigmoid()  # (M, 5)
+    for o in objs:
+        d = (o["scores"][:, None, :] - full[None]).abs().amax(dim=2)  # (P, M)
+        assert bool((d.min(dim=1).values < 1e-6).all())
+    assert objs[0]["scores"].std(dim=0).max() > 1e-3  # not constant: the test can fail
+
+
+def test_classify_solo_reads_the_dominant_class_at_its_cells():
+    model = _model("SOLO/solo_shapes.yaml")
+    _dominant(model, model.ins_head.cate_pred, 1)
+    before = _state(model)
+    (objs,) = tool.scores_at_positives(model, [_input(SOLO_SQUARES)])  # classes 0 and 1
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before) and not model.training
+    assert [len(o["scores"]) for o in objs] == [5, 8]  # SOLO_EXPECTED's totals
+    assert objs[0]["levels"].tolist() == [0, 0, 0, 0, 1]
+    s = tool.classification_summary([{**o, "area_group": "small"} for o in objs], 5)
+    assert s["accuracy_at_positives"] == pytest.approx(8 / 13)
+    assert s["object_accuracy"] == 0.5
+    assert s["confusion"][0] == [0, 1, 0, 0, 0, 0] and s["confusion"][1] == [0, 1, 0, 0, 0, 0]
+    # constant maps: every cell is a maximum of its 2x2 window, point NMS keeps them all
+    assert s["mean_positives_above"] == 6.5 and s["mean_positives_above_after_point_nms"] == 6.5
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_classify_solo_reads_each_cell_and_its_point_nms(sign):
+    # Category logits that encode the level and the cell: class 0 at (level l, row r, col c)
+    # = sign * (1000 l + r S + c) / 1e4. A 20 px square at x 40, y 72 (centre 50, 82): grid
+    # 20: cols 7-8 (48/6.4, 52/6.4), rows 12-13 (80/6.4, 84/6.4); grid 16: col 6, row 10. A
+    # transposed read would give rows 7-8. Increasing codes: each cell is the maximum of its
+    # up-left 2x2 window, point NMS keeps it; decreasing: suppressed (but not cell (0, 0)).
+    model = _model("SOLO/solo_shapes.yaml")
+    S = model.num_grids
+
+    def predict(features, level_features):
+        preds = []
+        for lvl, s in enumerate(S):
+            code = 1000 * lvl + torch.arange(s * s, dtype=torch.float32).view(s, s)
+            p = torch.full((1, 5, s, s), -5.0)
+            p[0, 0] = sign * code / 1e4
+            preds.append(p)
+        return preds, None
+
+    model.predict = predict
+    (obj,) = tool.scores_at_positives(model, [_input([(40, 72, 20)])])[0]
+    codes = torch.round(sign * torch.logit(obj["scores"][:, 0].double()) * 1e4).long()
+    assert sorted(codes.tolist()) == [12 * 20 + 7, 12 * 20 + 8, 13 * 20 + 7, 13 * 20 + 8,
+                                      1000 + 10 * 16 + 6]
+    kept = obj["after_point_nms"][:, 0]
+    if sign > 0:
+        assert torch.equal(kept, obj["scores"][:, 0])
+    else:
+        assert bool((kept == 0).all())
+
+
+def test_classify_summary_counts_objects_without_positives_and_areas():
+    objs = [
+        {"class": 3, "scores": torch.zeros((0, 5)), "after_point_nms": None, "area_group": "small"},
+        {"class": 1, "scores": torch.tensor([[0.1, 0.2, 0.0, 0, 0], [0.0, 0.1, 0.9, 0, 0]]),
+         "after_point_nms": None, "area_group": "medium"},
+    ]
+    s = tool.classification_summary(objs, 5)
+    assert s["objects"] == 2 and s["objects_without_positives"] == 1
+    assert s["confusion"][3][5] == 1  # "none" column
+    assert s["confusion"][1][2] == 1  # the best positive (0.9) says class 2 although one says 1
+    assert s["accuracy_at_positives"] == 0.5 and s["object_accuracy"] == 0.0
+    assert s["mean_max_score"] == pytest.approx(0.55) and s["mean_gt_score"] == pytest.approx(0.15)
+    assert s["object_accuracy_by_area"] == {"medium": {"objects": 1, "accuracy": 0.0}}
+    assert s["mean_positives_above"] == 1.0 and s["mean_positives_above_after_point_nms"] is None
+    text = tool.classify_markdown({"m": {"summary": s, "classes": ["a", "b", "c", "d", "e"]}})
+    assert "| m | 2 (1) | 2 | 50.0% | 0.550 | 0.150 | 0.0% | - / 0.0% / - |" in text
+
+
+def test_classify_refuses_mask_rcnn_and_wrong_checkpoints(tmp_path):
+    model = _model("quick/mask_rcnn_shapes.yaml")
+    with pytest.raises(ValueError, match="SOLO and FCOS"):
+        tool.scores_at_positives(model, [_input([(32, 32, 16)])])
+    path = tmp_path / "m.pth"
+    torch.save({"model": _model("FCOS/fcos_R18_shapes.yaml").state_dict()}, path)
+    with pytest.raises(ValueError, match="does not fit"):
+        tool.load_weights(_model("SOLO/solo_shapes.yaml"), str(path))
+    fcos = _model("FCOS/fcos_R18_shapes.yaml")
+    tool.load_weights(fcos, str(path))  # its own kind loads
+    with pytest.raises(SystemExit):
+        tool.main(["--classify"])

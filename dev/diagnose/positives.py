@@ -60,6 +60,32 @@ here, only the positives it returns are counted per GT index):
   proposals on the objects, and the row then grows up to the sampling cap); ``--weights``
   loads a checkpoint for the Mask R-CNN configs instead. One level ("roi").
 
+``--classify --model CONFIG WEIGHTS [--model ...]`` (SOLO and FCOS families): instead of
+counting, how good each TRAINED model's classifier is at exactly its own positives, on held-out
+data: the records of ``DATASETS.TEST[0]`` (default all; ``--images N``: the first N) through
+the trainer's mapper with the TEST-time resize and no flip (annotations kept), one image per
+batch as the evaluation runs. The checkpoint must fit the model exactly (every key, no
+other). The model is in eval mode throughout (BatchNorm would use its running statistics;
+the shapes configs use GroupNorm, which has none; nothing is trained or updated). SOLO: the
+category branch (``model.predict``) as ``SOLOBase.forward`` runs it, sigmoid, read at the
+cells ``assign_grid_targets`` gives each object (also after SOLO's inference ``point_nms``).
+FCOS family: only FCOS's own module flag is set to training for its forward, so that it
+assigns targets and returns ``positives.logits_pred`` (the classification logits at the
+positive locations), while its head and every other module stay in eval mode; the mask
+head's ``top_module`` is not run. Per model: (a) top-1 accuracy over all positives
+(argmax over classes == GT class), (b) mean max probability and mean GT-class probability
+there, (c) object-level accuracy: the class at the object's best positive (highest max
+probability), also by COCO area, (d) positives per object above 0.3 (duplicate candidates;
+for SOLO also after point NMS), and the confusion matrix GT class x class at the best
+positive (column "none": objects without positives), class names from the data set's
+metadata. ``--output`` writes classify.json with every object's scores at its positives.
+Needs no pretrained backbone: add ``MODEL.WEIGHTS ""``.
+
+    OMP_NUM_THREADS=1 DETECTRON2_DATASETS=/work/main/datasets .venv/bin/python \\
+        dev/diagnose/positives.py --classify \\
+        --model configs/FCOS/fcos_R18_shapes.yaml out/fcos/model_final.pth \\
+        --model configs/SOLO/solo_shapes.yaml out/solo/model_final.pth MODEL.WEIGHTS ""
+
 Runs in well under a minute for the default configs and 200 images on one thread. On the shapes
 data the flip of ``--augment`` leaves the counts unchanged (the grids and the FCOS locations are
 symmetric about the image centre).
@@ -87,6 +113,7 @@ from d2seg.data.mapper import D2SegDatasetMapper
 from d2seg.engine import setup_cfg
 from d2seg.fcos.one_stage import OneStageDetector
 from d2seg.solo import SOLOBase
+from d2seg.solo.inference import point_nms
 from d2seg.solo.targets import assign_grid_targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -399,33 +426,303 @@ def markdown(results: Dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------
+# --classify: the trained classifier's scores at each object's own positives (held-out data)
+# ------------------------------------------------------------------------------------------
+
+DUPLICATE_SCORE = 0.3
+
+
+def _only_eval(model):
+    """Eval mode everywhere; refuses norm layers that would behave differently from the
+    evaluation (none: in eval mode BatchNorm uses its running statistics, GroupNorm has none)."""
+    model.eval()
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
+            raise RuntimeError(f"{name}: BatchNorm still in training mode")
+
+
+def _solo_scores(model, batch):
+    gt = _gt_instances(model, batch)
+    images = model.preprocess_image(batch)
+    padded = tuple(images.tensor.shape[-2:])
+    features = model.backbone(images.tensor)
+    # the category branch as SOLOBase.forward runs it; at inference its logits go through
+    # sigmoid and point_nms (SOLOBase.inference)
+    cate_preds, _ = model.predict(features, model.level_features(features, padded))
+    targets = assign_grid_targets(gt, padded, model.num_grids, model.scale_ranges, model.sigma,
+                                  model.num_classes, model.center_convention, model.cell_conflict)
+    img, g, lvl, scores, after_nms = [], [], [], [], []
+    for level, (t, logits) in enumerate(zip(targets, cate_preds)):
+        S = model.num_grids[level]
+        if tuple(logits.shape[-2:]) != (S, S):
+            raise RuntimeError(f"level {level}: category output {tuple(logits.shape)}, grid {S}")
+        probs = logits.sigmoid().permute(0, 2, 3, 1)  # (N, S, S, C)
+        kept = point_nms(logits.sigmoid()).permute(0, 2, 3, 1)
+        rows, cols = t.pos_cell // S, t.pos_cell % S
+        img.append(t.pos_img)
+        g.append(t.pos_gt)
+        lvl.append(torch.full_like(t.pos_gt, level))
+        scores.append(probs[t.pos_img, rows, cols])
+        after_nms.append(kept[t.pos_img, rows, cols])
+    return (gt, torch.cat(img), torch.cat(g), torch.cat(lvl), torch.cat(scores),
+            torch.cat(after_nms))
+
+
+def _fcos_scores(model, batch):
+    gt = _gt_instances(model, batch)
+    images = model.preprocess_image(batch)
+    features = model.backbone(images.tensor)
+    if model.mask_head is not None:
+        model.mask_head.prepare_targets(images, gt)
+    pg = model.proposal_generator
+    # FCOS computes its targets and positives only when its OWN flag says training; its head
+    # (and every other module) stays in eval mode, so the logits are those of the evaluation
+    pg.training = True
+    try:
+        out = pg(images, features, gt)
+    finally:
+        pg.training = False
+    pos = out.positives
+    return gt, pos.im_inds, pos.gt_inds, pos.fpn_levels, pos.logits_pred.sigmoid(), None
+
+
+@torch.no_grad()
+def scores_at_positives(model, batch) -> List[List[dict]]:
+    """The trained classifier's class probabilities at every positive of every GT object.
+
+    The model is put in eval mode (the logits are those of the evaluation); the positives are
+    those of the method's own assignment (:func:`count_positives`).
+    Returns:
+        per image, per GT object: {"class", "scores": (P, C) probabilities at its P
+        positives, "levels": (P,) level indices, "after_point_nms": (P, C) or None (SOLO:
+        the probabilities after SOLO's inference point NMS, 0 where suppressed)}.
+    """
+    fam = method_family(model)
+    if fam not in ("solo", "fcos"):
+        raise ValueError(f"--classify supports the SOLO and FCOS families, not {type(model).__name__}")
+    _only_eval(model)
+    with EventStorage(0):
+        gt, img, g, lvl, scores, after = (_solo_scores if fam == "solo" else _fcos_scores)(model, batch)
+    out = []
+    for i, inst in enumerate(gt):
+        objs = []
+        for k in range(len(inst)):
+            sel = ((img == i) & (g == k)).nonzero()[:, 0]
+            objs.append({"class": int(inst.gt_classes[k]), "scores": scores[sel].cpu(),
+                         "levels": lvl[sel].cpu(),
+                         "after_point_nms": None if after is None else after[sel].cpu()})
+        out.append(objs)
+    return out
+
+
+def classification_summary(objects: List[dict], num_classes: int) -> dict:
+    """(a) top-1 accuracy over all positives, (b) mean max probability and mean GT-class
+    probability there, (c) object-level accuracy: the class at the object's best positive
+    (highest max probability), (d) positives per object above DUPLICATE_SCORE (and, where
+    given, still above it after SOLO's point NMS), the confusion matrix GT class x class at
+    the best positive (column ``num_classes``: objects without positives).
+
+    Args:
+        objects: {"class", "scores" (P, C), "after_point_nms" (P, C) or None, "area_group"}.
+    """
+    n_pos = correct_pos = 0
+    sum_max = sum_gt = 0.0
+    confusion = [[0] * (num_classes + 1) for _ in range(num_classes)]
+    per_group = {g: [0, 0] for g in GROUPS}  # objects with positives, right at best positive
+    above, above_nms, no_pos = [], [], 0
+    for o in objects:
+        s, c = o["scores"], o["class"]
+        if len(s) == 0:
+            no_pos += 1
+            confusion[c][num_classes] += 1
+            continue
+        top, arg = s.max(dim=1)
+        n_pos += len(s)
+        correct_pos += int((arg == c).sum())
+        sum_max += float(top.sum())
+        sum_gt += float(s[:, c].sum())
+        best = int(top.argmax())
+        pred = int(arg[best])
+        confusion[c][pred] += 1
+        for grp in ("all", o.get("area_group")):
+            if grp in per_group:
+                per_group[grp][0] += 1
+                per_group[grp][1] += int(pred == c)
+        above.append(int((top > DUPLICATE_SCORE).sum()))
+        if o.get("after_point_nms") is not None:
+            above_nms.append(int((o["after_point_nms"].max(dim=1).values > DUPLICATE_SCORE).sum()))
+    with_pos = len(objects) - no_pos
+    return {
+        "objects": len(objects), "objects_without_positives": no_pos, "positives": n_pos,
+        "accuracy_at_positives": correct_pos / n_pos if n_pos else float("nan"),
+        "mean_max_score": sum_max / n_pos if n_pos else float("nan"),
+        "mean_gt_score": sum_gt / n_pos if n_pos else float("nan"),
+        "object_accuracy": per_group["all"][1] / with_pos if with_pos else float("nan"),
+        "object_accuracy_by_area": {g: {"objects": v[0], "accuracy": v[1] / v[0]}
+                                    for g, v in per_group.items() if g != "all" and v[0]},
+        "mean_positives_above": sum(above) / len(above) if above else float("nan"),
+        "frac_objects_2plus_above": (sum(a >= 2 for a in above) / len(above)) if above else float("nan"),
+        "mean_positives_above_after_point_nms": (sum(above_nms) / len(above_nms)) if above_nms else None,
+        "confusion": confusion,
+    }
+
+
+def load_weights(model, weights: str) -> None:
+    """A trainer checkpoint (``{"model": state_dict, ...}``) or a bare state dict, every key
+    of the model present and no other (a checkpoint of another method fails here)."""
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"checkpoint not found: {weights}")
+    ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
+    state = {k: (torch.as_tensor(v) if not isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not fit the model: missing {missing[:5]} "
+                         f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+
+
+def build_eval_inputs(cfg, num_images: int):
+    """The first ``num_images`` records of DATASETS.TEST[0] as the evaluation sees them (the
+    test-time resize, no flip), with their annotations as instances (and COCO areas)."""
+    from detectron2.data import detection_utils
+    from detectron2.data import transforms as T
+
+    if not cfg.DATASETS.TEST:
+        raise ValueError("DATASETS.TEST is empty: --classify needs a held-out data set")
+    records = get_detection_dataset_dicts([cfg.DATASETS.TEST[0]], filter_empty=False)[:num_images]
+    if not records:
+        raise ValueError(f"DATASETS.TEST[0] {cfg.DATASETS.TEST[0]!r} has no records")
+    mapper = D2SegDatasetMapper(cfg, is_train=True)  # keeps the annotations ...
+    mapper.augmentations = T.AugmentationList(detection_utils.build_augmentation(cfg, is_train=False))
+    mapper = MapperWithAreas(mapper)  # ... with the test-time resize only
+    return [mapper(r) for r in records]
+
+
+def classify_config(config_file: str, weights: str, num_images: int,
+                    opts: Sequence[str] = (), model=None) -> dict:
+    """Per object the scores at its positives and the summary, for one trained model."""
+    from detectron2.data import MetadataCatalog
+
+    cfg = setup_cfg(config_file, list(opts))
+    if model is None:
+        model = build_model(cfg)
+        load_weights(model, weights)
+    fam = method_family(model)
+    num_classes = model.num_classes if fam == "solo" else model.proposal_generator.num_classes
+    names = list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", []))
+    if len(names) != num_classes:
+        names = [str(i) for i in range(num_classes)]
+    objects = []
+    for x in build_eval_inputs(cfg, num_images):
+        (per_obj,) = scores_at_positives(model, [x])
+        for k, o in enumerate(per_obj):
+            area = float(x["gt_areas"][k])
+            o.update(image_id=x.get("image_id"), index=k, area=area, area_group=area_group(area))
+            objects.append(o)
+    return {"config": config_file, "weights": weights, "family": fam, "classes": names,
+            "dataset": cfg.DATASETS.TEST[0], "objects": objects,
+            "summary": classification_summary(objects, num_classes)}
+
+
+def classify_markdown(results: Dict[str, dict]) -> str:
+    lines = [f"| model | objects (0 pos) | positives | top-1 acc at positives | mean max score | "
+             f"mean GT-class score | object acc (best positive) | small / medium / large | "
+             f"positives > {DUPLICATE_SCORE} per object | objects with >= 2 | "
+             f"> {DUPLICATE_SCORE} after point NMS |", "|" + "---|" * 11]
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    for name, r in results.items():
+        s = r["summary"]
+        by_area = " / ".join(pct(s["object_accuracy_by_area"][g]["accuracy"])
+                             if g in s["object_accuracy_by_area"] else "-"
+                             for g in ("small", "medium", "large"))
+        nms = s["mean_positives_above_after_point_nms"]
+        lines.append(
+            f"| {name} | {s['objects']} ({s['objects_without_positives']}) | {s['positives']} | "
+            f"{pct(s['accuracy_at_positives'])} | {s['mean_max_score']:.3f} | "
+            f"{s['mean_gt_score']:.3f} | {pct(s['object_accuracy'])} | {by_area} | "
+            f"{s['mean_positives_above']:.2f} | {pct(s['frac_objects_2plus_above'])} | "
+            f"{'-' if nms is None else f'{nms:.2f}'} |")
+    for name, r in results.items():
+        names = r["classes"]
+        w = max(6, *(len(n) for n in names))
+        lines += ["", f"{name}: GT class (rows) x class at the best positive (columns)", "```",
+                  " " * w + "".join(f"{n[:w]:>{w + 1}}" for n in names + ["none"])]
+        for n, row in zip(names, r["summary"]["confusion"]):
+            lines.append(f"{n:<{w}}" + "".join(f"{v:>{w + 1}}" for v in row))
+        lines.append("```")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
                    help="config files (relative to the repository or absolute)")
-    p.add_argument("--images", type=int, default=200, help="first N training images")
+    p.add_argument("--images", type=int, default=None,
+                   help="first N images (default: 200 training images; with --classify all "
+                        "of DATASETS.TEST[0])")
     p.add_argument("--augment", action="store_true",
                    help="keep the config's augmentation (default: INPUT.RANDOM_FLIP none)")
     p.add_argument("--weights", default="", help="checkpoint for the Mask R-CNN configs")
-    p.add_argument("--output", default="", help="folder for positives.json")
+    p.add_argument("--classify", action="store_true",
+                   help="instead of counting: the trained classifier's scores at each object's "
+                        "positives on DATASETS.TEST[0], for every --model")
+    p.add_argument("--model", nargs=2, action="append", default=[], metavar=("CONFIG", "WEIGHTS"),
+                   help="with --classify (repeatable): a SOLO- or FCOS-family config and its "
+                        "trained checkpoint")
+    p.add_argument("--output", default="", help="folder for positives.json / classify.json")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every config")
     args = p.parse_args(argv)
-    if args.images < 1:
+    if args.images is not None and args.images < 1:
         p.error("--images must be >= 1")
+    if args.classify and not args.model:
+        p.error("--classify needs at least one --model CONFIG WEIGHTS")
+    if args.model and not args.classify:
+        p.error("--model is for --classify")
+    if args.classify and (args.weights or args.augment):
+        p.error("--classify takes its checkpoints from --model and never augments")
     logging.getLogger("detectron2").setLevel(logging.WARNING)
     logging.getLogger("d2seg").setLevel(logging.WARNING)
+
+    def resolve(c):
+        return c if os.path.isabs(c) or os.path.isfile(c) else os.path.join(REPO, c)
+
+    if args.classify:
+        results = {}
+        for config, weights in args.model:
+            stem = os.path.splitext(os.path.basename(config))[0]
+            results[stem] = classify_config(resolve(config), weights, args.images or 10 ** 9,
+                                            args.opts)
+        first = next(iter(results.values()))
+        print(f"# trained classifiers at each object's own positives, "
+              f"{first['dataset']} ({first['summary']['objects']} objects"
+              f"{'' if args.images is None else f', first {args.images} images'})\n")
+        print(classify_markdown(results))
+        if args.output:
+            os.makedirs(args.output, exist_ok=True)
+            slim = {k: {**{kk: vv for kk, vv in r.items() if kk != "objects"},
+                        "objects": [{"image_id": o["image_id"], "index": o["index"],
+                                     "class": o["class"], "area": o["area"],
+                                     "levels": o["levels"].tolist(),
+                                     "scores": o["scores"].tolist()} for o in r["objects"]]}
+                    for k, r in results.items()}
+            with open(os.path.join(args.output, "classify.json"), "w") as f:
+                json.dump({"images": args.images, "results": slim}, f)
+            print(f"\nwrote {os.path.join(args.output, 'classify.json')}", file=sys.stderr)
+        return results
+
+    images = args.images or 200
     results = {}
     for c in args.configs:
-        path = c if os.path.isabs(c) or os.path.isfile(c) else os.path.join(REPO, c)
-        results.update(measure_config(path, args.images, args.augment, args.weights, args.opts))
+        results.update(measure_config(resolve(c), images, args.augment, args.weights, args.opts))
     text = markdown(results)
-    print(f"# positives per GT object, first {args.images} training images, augmentation "
+    print(f"# positives per GT object, first {images} training images, augmentation "
           f"{'as the config' if args.augment else 'off'}\n")
     print(text)
     if args.output:
         os.makedirs(args.output, exist_ok=True)
         with open(os.path.join(args.output, "positives.json"), "w") as f:
-            json.dump({"images": args.images, "augment": args.augment, "results": results}, f)
+            json.dump({"images": images, "augment": args.augment, "results": results}, f)
         print(f"\nwrote {os.path.join(args.output, 'positives.json')}", file=sys.stderr)
     return results
 
