@@ -185,13 +185,18 @@ def _solo_counts(model, batch):
                        torch.cat([t.pos_gt for t in targets]).tolist(), torch.cat(lvl).tolist())}
 
 
-def _fcos_counts(model, batch):
+def _fcos_inputs(model, batch):
+    """What FCOS's forward takes, as the detector prepares it: GT, images, backbone features."""
     gt = _gt_instances(model, batch)
     images = model.preprocess_image(batch)
     features = model.backbone(images.tensor)
     if model.mask_head is not None:
         model.mask_head.prepare_targets(images, gt)
-    pg = model.proposal_generator
+    return gt, images, features, model.proposal_generator
+
+
+def _fcos_counts(model, batch):
+    gt, images, features, pg = _fcos_inputs(model, batch)
     outputs = pg(images, features, gt)
     pos = outputs.positives
     return {"": _tally(gt, len(pg.strides), pos.im_inds.tolist(), pos.gt_inds.tolist(), pos.fpn_levels.tolist())}
@@ -470,12 +475,7 @@ def _solo_scores(model, batch):
 
 
 def _fcos_scores(model, batch):
-    gt = _gt_instances(model, batch)
-    images = model.preprocess_image(batch)
-    features = model.backbone(images.tensor)
-    if model.mask_head is not None:
-        model.mask_head.prepare_targets(images, gt)
-    pg = model.proposal_generator
+    gt, images, features, pg = _fcos_inputs(model, batch)
     # FCOS computes its targets and positives only when its OWN flag says training; its head
     # (and every other module) stays in eval mode, so the logits are those of the evaluation
     pg.training = True
