@@ -48,7 +48,6 @@ timings, and the command.
 """
 import argparse
 import json
-import logging
 import math
 import os
 import shlex
@@ -60,7 +59,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from shapes_val_backends import REPO, _clean, _tool  # noqa: E402  (tools/ loader, strict-JSON cleaning)
+from shapes_val_backends import REPO, _clean, _tool, begin_run  # noqa: E402  (tools/ loader, strict-JSON cleaning, start-up)
 
 SIDES = ("float32", "int8")
 
@@ -327,20 +326,11 @@ def time_sides(models, h, w, repeats):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from detectron2.utils.logger import setup_logger
-
-    import d2seg  # noqa: F401  (registers every method and the built-in data sets)
+    logger = begin_run(args, weights_required=False)
+    if logger is None:
+        return 2
     from d2seg.deploy import ONNXModel, export_onnx, read_metadata
     from d2seg.engine import AtomicCheckpointer, Trainer, setup_cfg
-
-    os.makedirs(args.output, exist_ok=True)
-    setup_logger(output=os.path.join(args.output, "log.txt"), name="d2seg")
-    setup_logger(output=os.path.join(args.output, "log.txt"))
-    logger = logging.getLogger("d2seg")
-    if args.weights and not os.path.isfile(args.weights):
-        print(f"error: --weights {args.weights}: no such file", file=sys.stderr)
-        return 2
     cfg = setup_cfg(args.config_file, list(args.opts) + ["MODEL.WEIGHTS", args.weights, "MODEL.DEVICE", "cpu",
                                                           "TEST.PRECISION", "float32"])
     torch.manual_seed(0)

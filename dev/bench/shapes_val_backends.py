@@ -144,22 +144,31 @@ def source_state():
     return {"head": head, "uncommitted_in_projects": [line[3:] for line in changed]}
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def begin_run(args, weights_required=True):
+    """The bench scripts' start: thread count, d2seg registered, Detectron2's and d2seg's logs to
+    ``<output>/log.txt``. Returns the d2seg logger, or None (after an error line) if
+    ``--weights`` names no file (an empty ``--weights`` is allowed unless ``weights_required``)."""
     torch.set_num_threads(args.threads)
     from detectron2.utils.logger import setup_logger
 
     import d2seg  # noqa: F401  (registers every method and the built-in data sets)
-    from d2seg.deploy import ExportError, export_onnx, read_metadata
-    from d2seg.engine import AtomicCheckpointer, Trainer, setup_cfg
 
     os.makedirs(args.output, exist_ok=True)
     setup_logger(output=os.path.join(args.output, "log.txt"), name="d2seg")
     setup_logger(output=os.path.join(args.output, "log.txt"))
-    logger = logging.getLogger("d2seg")
-    if not os.path.isfile(args.weights):
+    if (args.weights or weights_required) and not os.path.isfile(args.weights):
         print(f"error: --weights {args.weights}: no such file", file=sys.stderr)
+        return None
+    return logging.getLogger("d2seg")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logger = begin_run(args)
+    if logger is None:
         return 2
+    from d2seg.deploy import ExportError, export_onnx, read_metadata
+    from d2seg.engine import AtomicCheckpointer, Trainer, setup_cfg
 
     def cfg_for(backend):
         precision = "bfloat16" if backend == "bfloat16" else "float32"
