@@ -7,8 +7,15 @@ import tempfile
 
 import pytest
 
+# One temporary folder for the session's own files outside pytest's tmp_path (the generated
+# data sets, the fits' output folders), removed when the session ends. The fits' worker
+# processes import this module too: they use their parent's folder.
+_OWN_TMP = "D2SEG_TEST_TMP" not in os.environ
+if _OWN_TMP:
+    os.environ["D2SEG_TEST_TMP"] = tempfile.mkdtemp(prefix="d2seg-tests-")
+SESSION_TMP = os.environ["D2SEG_TEST_TMP"]
 # Before d2seg is imported anywhere: where the built-in data sets are generated.
-os.environ.setdefault("DETECTRON2_DATASETS", tempfile.mkdtemp(prefix="d2seg-test-datasets-"))
+os.environ.setdefault("DETECTRON2_DATASETS", os.path.join(SESSION_TMP, "datasets"))
 # The shapes configs start from d2seg://shapes/R18-GN-pretrained (15 min to make): tests train from
 # scratch (MODEL.WEIGHTS ""), and one that would make it implicitly fails at once instead.
 os.environ.setdefault("D2SEG_PRETRAIN_ON_FIRST_USE", "0")
@@ -170,10 +177,15 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Stop fits nobody will wait for (a run stopped by -x or ^C)."""
+    """Stop fits nobody will wait for (a run stopped by -x or ^C), and remove the session's
+    temporary folder."""
+    import shutil
+
     fitting = sys.modules.get("fitting")
     if fitting is not None:
         fitting.shutdown()
+    if _OWN_TMP:
+        shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

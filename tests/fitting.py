@@ -147,7 +147,7 @@ def _setup(config, plan=None):
     from d2seg.engine import Trainer
 
     plan = plan or plan_for(config)
-    cfg = _build_cfg(config, plan, tempfile.mkdtemp(prefix="d2seg-fit-"))
+    cfg = _build_cfg(config, plan, tempfile.mkdtemp(prefix="fit-", dir=os.environ.get("D2SEG_TEST_TMP")))
     prepare_datasets(cfg)
     torch.manual_seed(0)
     np.random.seed(0)
