@@ -170,6 +170,20 @@ def test_report_orders_rows_and_computes_ratios():
     assert "0.25×" in table and "– (semantic)" in table
 
 
+def test_a_long_failure_keeps_its_start_and_end_in_the_table():
+    """A config file deep in a temporary folder makes the message long: the cell keeps the
+    exception's name and the unknown key, and the path in between gives way."""
+    error = ("KeyError: ../../" + "very/deep/temporary/folder/" * 8 + "bad.yaml: unknown config key "
+             "('Non-existent config key: MODEL.NOT_A_KEY') (see out/logs/bad.infer.log)")
+    row = {"config_file": "bad.yaml", "method": "bad", "infer": {"error": error}, "train": {"error": "x|y"}}
+    table = markdown_table(add_ratios([row]))
+    cell = table.splitlines()[-1].split(" | ")[7]
+    assert cell.startswith("failed: KeyError: ../../very") and " … " in cell
+    assert cell.endswith("MODEL.NOT_A_KEY') (see out/logs/bad.infer.log)")
+    assert len(cell) == 160 + len(" (see out/logs/bad.infer.log)")
+    assert "failed: x/y" in table and table.splitlines()[-1].count("|") == len(COLUMNS) + 1
+
+
 # ---------------------------------------------------------------- the tool
 
 

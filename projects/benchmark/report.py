@@ -98,6 +98,21 @@ def _fmt_det(infer):
     return text
 
 
+def _failed(error, width=160):
+    """A table cell for a failure: its message shortened in the middle when longer than
+    ``width`` (the start names the exception, the end usually the key or the value; a long
+    file path in between is what gives way), then the log it points to, whole."""
+    error, log = str(error), ""
+    if error.endswith(")") and " (see " in error:
+        error, log = error.rsplit(" (see ", 1)
+        log = " (see " + log
+    text = f"failed: {error}"
+    if len(text) > width:
+        head = width // 3
+        text = text[:head] + " … " + text[-(width - head - 3):]
+    return (text + log).replace("|", "/")
+
+
 def _cells(row):
     infer, train = row.get("infer"), row.get("train")
     cells = [row["method"], f"`{row['config_file']}`"]
@@ -114,13 +129,13 @@ def _cells(row):
         ]
     else:
         err = (infer or {}).get("error", "not run")
-        cells += ["–", "–", "–", "–", "–", f"failed: {err}"[:160].replace("|", "/"), "–", "–"]
+        cells += ["–", "–", "–", "–", "–", _failed(err), "–", "–"]
     if train is None:
         cells += ["–", "not measured", "–"]
     elif _ok(train):
         cells += [_fmt_input(train), _fmt_ms(train["ms"]), f"{train['peak_mib']:.0f}"]
     else:
-        cells += ["–", f"failed: {train.get('error', '?')}"[:160].replace("|", "/"), "–"]
+        cells += ["–", _failed(train.get('error', '?')), "–"]
     for phase in ("infer", "train"):
         r = row.get(f"ratio_{phase}")
         cells.append("–" if r is None else f"{r:.2f}×")
