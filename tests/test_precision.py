@@ -196,3 +196,72 @@ def test_demo_bfloat16(tmp_path, bf16_cpu):
     assert demo.main(["--config-file", FCOS, "--input", str(src), "--output", str(out),
                       "--confidence-threshold", "0"] + opts) == 0
     assert Image.open(out).size == (64, 64)
+
+
+SHAPES_SCORE_LAYERS = {  # every shapes config's score layers; the semantic ones have none
+    "BlendMask/blendmask_R18_shapes.yaml": ["proposal_generator.fcos_head.cls_logits",
+                                            "proposal_generator.fcos_head.ctrness"],
+    "FCOS/retinanet_shapes.yaml": ["head.cls_score"],  # Detectron2's own RetinaNet
+    "PointINS/pointins_retinanet_R18_shapes.yaml": ["head.cls_score"],
+    "quick/mask_rcnn_shapes.yaml": ["roi_heads.box_predictor.cls_score"],  # Detectron2's Mask R-CNN
+    "PointRend/pointrend_rcnn_R18_shapes.yaml": ["roi_heads.box_predictor.cls_score"],
+    "SOLO/solo_shapes.yaml": ["ins_head.cate_pred"],
+    "SOLO/decoupled_solo_shapes.yaml": ["ins_head.cate_pred"],
+    "SOLO/solov2_shapes.yaml": ["ins_head.cate_pred"],
+    "SparseInst/sparse_inst_r18_giam_shapes.yaml": ["decoder.inst_branch.cls_score",
+                                                    "decoder.inst_branch.objectness"],
+    "quick/semantic_fpn_shapes.yaml": [],
+    "PointRend/pointrend_semantic_R18_shapes.yaml": [],
+}
+
+
+@pytest.mark.parametrize("config", sorted(SHAPES_SCORE_LAYERS))
+def test_score_layers_of_each_method(config):
+    from d2seg.engine import Trainer, setup_cfg
+    from d2seg.engine.precision import score_layers
+
+    model = Trainer.build_model(setup_cfg(os.path.join(CONFIGS, config), TINY_SHAPES))
+    assert score_layers(model) == SHAPES_SCORE_LAYERS[config]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_score_layers_run_in_float32_under_bfloat16(fcos, tmp_path, bf16_cpu, keep):
+    """TEST.FLOAT32_SCORES (default True): FCOS's class and centerness convolutions compute in
+    float32 inside the bfloat16 forward (their outputs: float32), the rest of the head in
+    bfloat16; the model is unchanged afterwards."""
+    from d2seg.engine import Trainer
+
+    model, _ = fcos
+    head = model.proposal_generator.fcos_head
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: seen.append((name, o.dtype)))
+             for name, m in (("cls_logits", head.cls_logits), ("ctrness", head.ctrness),
+                             ("bbox_pred", head.bbox_pred))]
+    try:
+        recorder = RecordDtypes()
+        Trainer.test(make_cfg(tmp_path, "bfloat16", "TEST.FLOAT32_SCORES", str(keep)), model, [recorder])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert recorder.count > 0
+    dtypes = {name: set() for name in ("cls_logits", "ctrness", "bbox_pred")}
+    for name, o in seen:
+        dtypes[name].add(o)
+    kept = {torch.float32} if keep else {torch.bfloat16}
+    assert dtypes["cls_logits"] == kept and dtypes["ctrness"] == kept
+    assert dtypes["bbox_pred"] == {torch.bfloat16}
+    assert "forward" not in vars(head.cls_logits) and "forward" not in vars(head.ctrness)
+
+
+def test_float32_modules_restores_forward_after_an_error():
+    from d2seg.engine.precision import float32_modules
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="boom"):
+        with torch.autocast("cpu", dtype=torch.bfloat16), float32_modules(model, ["1"]):
+            assert model(x).dtype == torch.float32 and model[0](x).dtype == torch.bfloat16
+            raise RuntimeError("boom")
+    assert "forward" not in vars(model[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16

@@ -8,23 +8,82 @@ Read by :meth:`d2seg.engine.Trainer.test` (evaluation), :class:`d2seg.engine.Pre
 (tools/demo.py) and the benchmark worker (tools/benchmark.py); refused by
 ``d2seg.deploy.ONNXModel`` / ``ONNXPredictor`` (ONNX Runtime has no bfloat16 CPU kernels for these graphs).
 
+The layers whose outputs become the detections' scores (:data:`SCORE_LAYERS`: class logits,
+and FCOS's centerness and SparseInst's objectness, which multiply into the score) stay in
+float32 unless ``TEST.FLOAT32_SCORES`` is False: rounded to bfloat16's 8-bit mantissa, scores
+tie and swap places in the ranking that COCO AP is computed from.
+
 bfloat16 is only worth it on a CPU with native bfloat16 arithmetic (AVX-512 BF16 or AMX):
 elsewhere PyTorch emulates it, more slowly than float32, so asking for it there is an error.
 ``D2SEG_CPU_BF16=0`` / ``=1`` overrides the detection (tests simulate a CPU without it;
 ``=1`` forces bfloat16 on a CPU without it, e.g. to check accuracy).
 """
+import contextlib
 import os
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.structures import Boxes, Instances
 
 __all__ = ["PRECISIONS", "inference_precision", "cpu_has_bf16", "check_precision_supported",
-           "AtPrecision", "at_precision", "outputs_to_float32"]
+           "AtPrecision", "at_precision", "outputs_to_float32", "SCORE_LAYERS", "score_layers",
+           "float32_modules"]
 
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 CPU_BF16_ENV = "D2SEG_CPU_BF16"
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+# The score layers kept in float32 under TEST.PRECISION bfloat16 (TEST.FLOAT32_SCORES): a
+# module of one of these classes (by qualified name, subclasses included: nothing is imported
+# for it) keeps these children in float32.
+SCORE_LAYERS: Dict[str, Tuple[str, ...]] = {
+    "detectron2.modeling.roi_heads.fast_rcnn.FastRCNNOutputLayers": ("cls_score",),
+    "detectron2.modeling.meta_arch.retinanet.RetinaNetHead": ("cls_score",),
+    "d2seg.pointins.retinanet.PointINSRetinaNetHead": ("cls_score",),
+    "d2seg.fcos.head.FCOSHead": ("cls_logits", "ctrness"),
+    "d2seg.solo.heads.SOLOInsHead": ("cate_pred",),
+    "d2seg.solo.heads.DecoupledSOLOInsHead": ("cate_pred",),
+    "d2seg.solo.heads.SOLOv2InsHead": ("cate_pred",),
+    "d2seg.sparseinst.decoder.InstanceBranch": ("cls_score", "objectness"),
+}
+
+
+def score_layers(model: torch.nn.Module) -> List[str]:
+    """The names (as in ``model.named_modules()``) of ``model``'s score layers
+    (:data:`SCORE_LAYERS`), in module order."""
+    names = []
+    for name, module in model.named_modules():
+        for cls in type(module).__mro__:
+            children = SCORE_LAYERS.get(f"{cls.__module__}.{cls.__qualname__}")
+            if children:
+                names += [f"{name}.{c}" if name else c for c in children if getattr(module, c, None) is not None]
+                break
+    return names
+
+
+@contextlib.contextmanager
+def float32_modules(model: torch.nn.Module, names: List[str], device_type: str = "cpu"):
+    """Within the block, the modules ``names`` of ``model`` run in float32 under autocast:
+    autocast off in their forward, their floating inputs cast to float32. The modules'
+    ``forward`` is put back on exit (the model is not changed)."""
+    modules = dict(model.named_modules())
+    patched = []
+    try:
+        for name in names:
+            module = modules[name]
+            inner = module.forward
+
+            def forward(*args, _inner=inner, **kwargs):
+                with torch.autocast(device_type, enabled=False):
+                    return _inner(*_float32(list(args)), **{k: _float32(v) for k, v in kwargs.items()})
+
+            module.forward = forward
+            patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
 
 
 def inference_precision(cfg) -> Optional[torch.dtype]:
@@ -83,20 +142,25 @@ def _device_type(model) -> str:
 
 class AtPrecision(torch.nn.Module):
     """``model`` whose calls run under ``torch.autocast(device_type, dtype)`` and return
-    float32 results (:func:`outputs_to_float32`). ``model`` stays the wrapped module's
-    ``model`` attribute (its parameters are not copied or cast)."""
+    float32 results (:func:`outputs_to_float32`), the modules named by ``float32_layers``
+    (:func:`score_layers` by :func:`at_precision`) run in float32 (:func:`float32_modules`).
+    ``model`` stays the wrapped module's ``model`` attribute (its parameters are not copied
+    or cast)."""
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device_type: str):
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device_type: str,
+                 float32_layers: Optional[List[str]] = None):
         super().__init__()
         self.model = model
         self.dtype = dtype
         self.device_type = device_type
+        self.float32_layers = list(float32_layers or [])
 
     def forward(self, *args, **kwargs):
         """The model's outputs under autocast, floating tensors cast to float32. An op without
         a kernel for the autocast dtype raises its own error with a note naming TEST.PRECISION."""
         try:
-            with torch.autocast(self.device_type, dtype=self.dtype):
+            with torch.autocast(self.device_type, dtype=self.dtype), \
+                    float32_modules(self.model, self.float32_layers, self.device_type):
                 outputs = self.model(*args, **kwargs)
         except RuntimeError as e:  # NotImplementedError included: "... not implemented for 'BFloat16'"
             e.add_note(f"(raised while {type(self.model).__name__} ran at TEST.PRECISION "
@@ -123,7 +187,8 @@ def at_precision(cfg, model):
     param = next(model.parameters(), None)
     device_type = param.device.type if param is not None else "cpu"
     check_precision_supported(dtype, device_type)
-    return AtPrecision(model, dtype, device_type)
+    keep = score_layers(model) if cfg.TEST.get("FLOAT32_SCORES", True) else []
+    return AtPrecision(model, dtype, device_type, keep)
 
 
 def _float32(value):
