@@ -55,11 +55,12 @@ def add_shared_config(cfg):
     # an error on a CPU without native bfloat16 (avx512_bf16 / amx_bf16) and for ONNX files.
     # See d2seg.engine.precision and docs/deploy.md ("Precision").
     cfg.TEST.PRECISION = "float32"
-    # With TEST.PRECISION bfloat16: the layers whose outputs become the detections' scores
-    # (class logits; FCOS's centerness, SparseInst's objectness) still run in float32. With
-    # bfloat16's 8-bit mantissa, scores round to ties and swap places in the ranking COCO AP is
-    # computed from (measured: SparseInst on shapes lost 0.8-1.4 mask AP; docs/deploy.md,
-    # "Precision"). A few small layers; False runs everything under autocast.
+    # With TEST.PRECISION bfloat16: the per-candidate score layers (the class logits of
+    # Detectron2's box predictor, in Mask R-CNN and PointRend; SparseInst's class and
+    # objectness logits) still run in float32. With bfloat16's 8-bit mantissa, scores round to
+    # ties and swap places in the ranking COCO AP is computed from (measured: SparseInst on
+    # shapes lost up to 1.4 mask AP, none with this). Small Linear layers; False runs
+    # everything under autocast. d2seg.engine.precision.SCORE_LAYERS; docs/deploy.md, "Precision".
     cfg.TEST.FLOAT32_SCORES = True
     # Training: d2seg's Trainer makes d2seg's CPU RoIAlign backward (bit-identical gradients,
     # faster, bounded memory; d2seg.layers.roi_align) torchvision's CPU kernel for the

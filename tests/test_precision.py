@@ -198,20 +198,17 @@ def test_demo_bfloat16(tmp_path, bf16_cpu):
     assert Image.open(out).size == (64, 64)
 
 
-SHAPES_SCORE_LAYERS = {  # every shapes config's score layers; the semantic ones have none
-    "BlendMask/blendmask_R18_shapes.yaml": ["proposal_generator.fcos_head.cls_logits",
-                                            "proposal_generator.fcos_head.ctrness"],
-    "FCOS/retinanet_shapes.yaml": ["head.cls_score"],  # Detectron2's own RetinaNet
-    "PointINS/pointins_retinanet_R18_shapes.yaml": ["head.cls_score"],
+SHAPES_SCORE_LAYERS = {  # the per-candidate score layers; dense score maps (FCOS, RetinaNet, SOLO) have none
     "quick/mask_rcnn_shapes.yaml": ["roi_heads.box_predictor.cls_score"],  # Detectron2's Mask R-CNN
     "PointRend/pointrend_rcnn_R18_shapes.yaml": ["roi_heads.box_predictor.cls_score"],
-    "SOLO/solo_shapes.yaml": ["ins_head.cate_pred"],
-    "SOLO/decoupled_solo_shapes.yaml": ["ins_head.cate_pred"],
-    "SOLO/solov2_shapes.yaml": ["ins_head.cate_pred"],
     "SparseInst/sparse_inst_r18_giam_shapes.yaml": ["decoder.inst_branch.cls_score",
                                                     "decoder.inst_branch.objectness"],
+    "PointRend/pointrend_sparseinst_r18_giam_loc_shapes.yaml": ["decoder.inst_branch.cls_score",
+                                                                "decoder.inst_branch.objectness"],
+    "FCOS/fcos_R18_shapes.yaml": [],
+    "FCOS/retinanet_shapes.yaml": [],
+    "SOLO/solov2_shapes.yaml": [],
     "quick/semantic_fpn_shapes.yaml": [],
-    "PointRend/pointrend_semantic_R18_shapes.yaml": [],
 }
 
 
@@ -225,32 +222,30 @@ def test_score_layers_of_each_method(config):
 
 
 @pytest.mark.parametrize("keep", [True, False])
-def test_score_layers_run_in_float32_under_bfloat16(fcos, tmp_path, bf16_cpu, keep):
-    """TEST.FLOAT32_SCORES (default True): FCOS's class and centerness convolutions compute in
-    float32 inside the bfloat16 forward (their outputs: float32), the rest of the head in
-    bfloat16; the model is unchanged afterwards."""
-    from d2seg.engine import Trainer
+def test_score_layers_run_in_float32_under_bfloat16(bf16_cpu, keep):
+    """TEST.FLOAT32_SCORES (default True): the class logits of Detectron2's box predictor are
+    computed in float32 inside Mask R-CNN's bfloat16 forward, its box deltas in bfloat16; the
+    model is unchanged afterwards (float32 when called directly)."""
+    from d2seg.engine import Trainer, at_precision, setup_cfg
 
-    model, _ = fcos
-    head = model.proposal_generator.fcos_head
+    cfg = setup_cfg(os.path.join(CONFIGS, "quick", "mask_rcnn_shapes.yaml"),
+                    TINY_SHAPES + ["TEST.PRECISION", "bfloat16", "TEST.FLOAT32_SCORES", str(keep)])
+    torch.manual_seed(0)
+    model = Trainer.build_model(cfg).eval()
+    predictor = model.roi_heads.box_predictor
     seen = []
-    hooks = [m.register_forward_hook(lambda m, i, o, name=name: seen.append((name, o.dtype)))
-             for name, m in (("cls_logits", head.cls_logits), ("ctrness", head.ctrness),
-                             ("bbox_pred", head.bbox_pred))]
-    try:
-        recorder = RecordDtypes()
-        Trainer.test(make_cfg(tmp_path, "bfloat16", "TEST.FLOAT32_SCORES", str(keep)), model, [recorder])
-    finally:
-        for h in hooks:
-            h.remove()
-    assert recorder.count > 0
-    dtypes = {name: set() for name in ("cls_logits", "ctrness", "bbox_pred")}
-    for name, o in seen:
-        dtypes[name].add(o)
-    kept = {torch.float32} if keep else {torch.bfloat16}
-    assert dtypes["cls_logits"] == kept and dtypes["ctrness"] == kept
-    assert dtypes["bbox_pred"] == {torch.bfloat16}
-    assert "forward" not in vars(head.cls_logits) and "forward" not in vars(head.ctrness)
+    for name in ("cls_score", "bbox_pred"):
+        getattr(predictor, name).register_forward_hook(lambda m, i, o, name=name: seen.append((name, o.dtype)))
+    image = {"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64}
+    with torch.no_grad():
+        out = at_precision(cfg, model)([image])[0]["instances"]
+        assert out.scores.dtype == torch.float32
+        kept = torch.float32 if keep else torch.bfloat16
+        assert dict(seen) == {"cls_score": kept, "bbox_pred": torch.bfloat16}
+        assert "forward" not in vars(predictor.cls_score)
+        seen.clear()
+        model([image])
+    assert dict(seen) == {"cls_score": torch.float32, "bbox_pred": torch.float32}
 
 
 def test_float32_modules_restores_forward_after_an_error():

@@ -8,8 +8,8 @@ Read by :meth:`d2seg.engine.Trainer.test` (evaluation), :class:`d2seg.engine.Pre
 (tools/demo.py) and the benchmark worker (tools/benchmark.py); refused by
 ``d2seg.deploy.ONNXModel`` / ``ONNXPredictor`` (ONNX Runtime has no bfloat16 CPU kernels for these graphs).
 
-The layers whose outputs become the detections' scores (:data:`SCORE_LAYERS`: class logits,
-and FCOS's centerness and SparseInst's objectness, which multiply into the score) stay in
+The per-candidate score layers (:data:`SCORE_LAYERS`: the class logits of Detectron2's box
+predictor, used by Mask R-CNN and PointRend; SparseInst's class and objectness logits) stay in
 float32 unless ``TEST.FLOAT32_SCORES`` is False: rounded to bfloat16's 8-bit mantissa, scores
 tie and swap places in the ranking that COCO AP is computed from.
 
@@ -36,15 +36,13 @@ _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 # The score layers kept in float32 under TEST.PRECISION bfloat16 (TEST.FLOAT32_SCORES): a
 # module of one of these classes (by qualified name, subclasses included: nothing is imported
-# for it) keeps these children in float32.
+# for it) keeps these children in float32. Only per-candidate layers (a Linear on one feature
+# vector per proposal / instance: negligible work) are listed; the dense score maps of FCOS,
+# RetinaNet and SOLO (convolutions over every position of every level) stay in bfloat16: in
+# float32 they cost FCOS R-50 at 800x1216 about 7 % of its bfloat16 time and changed none of
+# those methods' held-out AP beyond the noise (docs/deploy.md, "Precision").
 SCORE_LAYERS: Dict[str, Tuple[str, ...]] = {
     "detectron2.modeling.roi_heads.fast_rcnn.FastRCNNOutputLayers": ("cls_score",),
-    "detectron2.modeling.meta_arch.retinanet.RetinaNetHead": ("cls_score",),
-    "d2seg.pointins.retinanet.PointINSRetinaNetHead": ("cls_score",),
-    "d2seg.fcos.head.FCOSHead": ("cls_logits", "ctrness"),
-    "d2seg.solo.heads.SOLOInsHead": ("cate_pred",),
-    "d2seg.solo.heads.DecoupledSOLOInsHead": ("cate_pred",),
-    "d2seg.solo.heads.SOLOv2InsHead": ("cate_pred",),
     "d2seg.sparseinst.decoder.InstanceBranch": ("cls_score", "objectness"),
 }
 
