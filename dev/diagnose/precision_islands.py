@@ -7,11 +7,15 @@ A module whose island brings the AP back to float32's is where the loss happens.
     OMP_NUM_THREADS=1 DETECTRON2_DATASETS=datasets python dev/diagnose/precision_islands.py \\
         --config-file configs/SparseInst/sparse_inst_r18_giam_loc_shapes.yaml \\
         --weights output/.../model_final.pth --output /tmp/islands \\
-        --islands "decoder.inst_branch.cls_score,decoder.inst_branch.objectness" --islands backbone
+        --islands "decoder.inst_branch.cls_score,decoder.inst_branch.objectness" --islands backbone \
+        TEST.FLOAT32_SCORES False
 
 Each ``--islands`` is one evaluation (a comma-separated list of module names kept in float32
 together). ``NAME:out`` instead leaves the module in bfloat16 and casts only its outputs to
-float32 (what follows it, e.g. the post-processing's sigmoids, then runs in float32). Prints one row per evaluation (headline metrics and AP50 / AP75) and writes
+float32 (what follows it, e.g. the post-processing's sigmoids, then runs in float32). The
+score layers that ``TEST.FLOAT32_SCORES`` keeps in float32 stay so in every bfloat16 run
+unless the override ``TEST.FLOAT32_SCORES False`` is given (then only the islands are).
+Prints one row per evaluation (headline metrics and AP50 / AP75) and writes
 ``OUTPUT/islands.json``.
 """
 import argparse
@@ -38,21 +42,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def float32_island(module, device_type="cpu", outputs_only=False):
-    """Make ``module`` run in float32 under autocast: autocast off inside its forward, its
-    floating inputs cast to float32 (``outputs_only``: it runs as it did, its floating outputs
-    are cast to float32). Returns a function that undoes it."""
+def outputs_cast(module):
+    """``module`` runs as it did (bfloat16 under autocast), its floating outputs cast to
+    float32 (``NAME:out``). Returns a function that undoes it."""
     from d2seg.engine.precision import outputs_to_float32
 
     inner = module.forward
-
-    def forward(*args, **kwargs):
-        if outputs_only:
-            return outputs_to_float32(inner(*args, **kwargs))
-        with torch.autocast(device_type, enabled=False):
-            return inner(*outputs_to_float32(list(args)), **{k: outputs_to_float32(v) for k, v in kwargs.items()})
-
-    module.forward = forward
+    module.forward = lambda *args, **kwargs: outputs_to_float32(inner(*args, **kwargs))
     return lambda: module.__dict__.pop("forward", None)
 
 
@@ -71,6 +67,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     import d2seg  # noqa: F401
     from d2seg.engine import AtomicCheckpointer, Trainer, setup_cfg
+    from d2seg.engine.precision import float32_modules
 
     def cfg_for(precision, name):
         return setup_cfg(args.config_file, list(args.opts) + [
@@ -91,10 +88,11 @@ def main(argv=None):
         runs.append((f"bf16, float32: {spec}", "bfloat16", names))
     rows = []
     for i, (label, precision, names) in enumerate(runs):
-        undo = [float32_island(modules[n.split(":")[0]], outputs_only=n.endswith(":out")) for n in names]
+        undo = [outputs_cast(modules[n[:-4]]) for n in names if n.endswith(":out")]
         start = time.perf_counter()
         try:
-            results = Trainer.test(cfg_for(precision, f"run{i}"), model)
+            with float32_modules(model, [n for n in names if not n.endswith(":out")]):
+                results = Trainer.test(cfg_for(precision, f"run{i}"), model)
         finally:
             for u in undo:
                 u()
