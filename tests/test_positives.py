@@ -320,8 +320,26 @@ def test_classify_summary_counts_objects_without_positives_and_areas():
     objs = [
         {"class": 3, "scores": torch.zeros((0, 5)), "after_point_nms": None, "area_group": "small"},
         {"class": 1, "scores": torch.tensor([[0.1, 0.2, 0.0, 0, 0], [0.0, 0.1, 0.9, 0, 0]]),
-         "after_point_nms": None, "area_group": "medium"},
+         "after_point_nms": None, "area_group": "medium", "area": 300.0, "levels": torch.tensor([0, 1])},
+        {"class": 0, "scores": torch.tensor([[0.8, 0.1, 0.0, 0, 0]]), "after_point_nms": None,
+         "area_group": "small", "area": 100.0, "levels": torch.tensor([0])},
+        {"class": 0, "scores": torch.tensor([[0.7, 0.1, 0.0, 0, 0]]), "after_point_nms": None,
+         "area_group": "small", "area": 140.0, "levels": torch.tensor([0])},
     ]
+    s = tool.classification_summary(objs, 5)
+    # by size (sqrt(area): 17.3 -> 16-20, 10 and 11.8 -> 0-12) and by the best positive's level
+    assert s["object_accuracy_by_size"] == {"0-12": {"objects": 2, "accuracy": 1.0},
+                                            "16-20": {"objects": 1, "accuracy": 0.0}}
+    assert s["object_accuracy_by_level"][1] == {"objects": 1, "accuracy": 0.0,
+                                                "median_size": pytest.approx(300 ** 0.5)}
+    assert s["object_accuracy_by_level"][0]["median_size"] == pytest.approx((10 + 140 ** 0.5) / 2)
+    assert tool.size_bin(32 * 32) == ">= 32" and tool.size_bin(0) == "0-12" and tool.size_bin(12 * 12) == "12-16"
+    text = tool.classify_markdown({"m": {"summary": s, "classes": ["a", "b", "c", "d", "e"]}})
+    assert "| m | 100.0% (2) | - | 0.0% (1) | - | - | - |" in text
+    assert "- m: level 0: 100.0% (2; 10.9 px), level 1: 0.0% (1; 17.3 px)" in text
+    objs = objs[:2]
+    for o in objs:
+        o.pop("area", None), o.pop("levels", None)
     s = tool.classification_summary(objs, 5)
     assert s["objects"] == 2 and s["objects_without_positives"] == 1
     assert s["confusion"][3][5] == 1  # "none" column

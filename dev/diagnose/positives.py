@@ -516,20 +516,36 @@ def scores_at_positives(model, batch) -> List[List[dict]]:
     return out
 
 
+# object sizes (square root of the COCO area, px) for the object-level accuracy by size: COCO's
+# "small" (< 32) split finer, since most shapes objects are small
+SIZE_BINS = (0, 12, 16, 20, 24, 32)
+
+
+def size_bin(area: float) -> str:
+    side = math.sqrt(max(area, 0.0))
+    lows = [b for b in SIZE_BINS if side >= b]
+    i = len(lows) - 1
+    return f">= {SIZE_BINS[i]}" if i == len(SIZE_BINS) - 1 else f"{SIZE_BINS[i]}-{SIZE_BINS[i + 1]}"
+
+
 def classification_summary(objects: List[dict], num_classes: int) -> dict:
     """(a) top-1 accuracy over all positives, (b) mean max probability and mean GT-class
     probability there, (c) object-level accuracy: the class at the object's best positive
-    (highest max probability), (d) positives per object above DUPLICATE_SCORE (and, where
-    given, still above it after SOLO's point NMS), the confusion matrix GT class x class at
-    the best positive (column ``num_classes``: objects without positives).
+    (highest max probability), also by COCO area group, by object size (:data:`SIZE_BINS`,
+    where "area" is given) and by the level of the best positive (with the median size of its
+    objects, where "levels" is given), (d) positives per object above DUPLICATE_SCORE (and,
+    where given, still above it after SOLO's point NMS), the confusion matrix GT class x class
+    at the best positive (column ``num_classes``: objects without positives).
 
     Args:
-        objects: {"class", "scores" (P, C), "after_point_nms" (P, C) or None, "area_group"}.
+        objects: {"class", "scores" (P, C), "after_point_nms" (P, C) or None, "area_group",
+        optionally "area" and "levels" (P,)}.
     """
     n_pos = correct_pos = 0
     sum_max = sum_gt = 0.0
     confusion = [[0] * (num_classes + 1) for _ in range(num_classes)]
     per_group = {g: [0, 0] for g in GROUPS}  # objects with positives, right at best positive
+    per_size, per_level = {}, {}  # the same by size bin; by best positive's level (+ sizes)
     above, above_nms, no_pos = [], [], 0
     for o in objects:
         s, c = o["scores"], o["class"]
@@ -549,6 +565,16 @@ def classification_summary(objects: List[dict], num_classes: int) -> dict:
             if grp in per_group:
                 per_group[grp][0] += 1
                 per_group[grp][1] += int(pred == c)
+        if o.get("area") is not None:
+            v = per_size.setdefault(size_bin(o["area"]), [0, 0])
+            v[0] += 1
+            v[1] += int(pred == c)
+        if o.get("levels") is not None and len(o["levels"]) == len(s):
+            v = per_level.setdefault(int(o["levels"][best]), [0, 0, []])
+            v[0] += 1
+            v[1] += int(pred == c)
+            if o.get("area") is not None:
+                v[2].append(math.sqrt(max(o["area"], 0.0)))
         above.append(int((top > DUPLICATE_SCORE).sum()))
         if o.get("after_point_nms") is not None:
             above_nms.append(int((o["after_point_nms"].max(dim=1).values > DUPLICATE_SCORE).sum()))
@@ -561,6 +587,11 @@ def classification_summary(objects: List[dict], num_classes: int) -> dict:
         "object_accuracy": per_group["all"][1] / with_pos if with_pos else float("nan"),
         "object_accuracy_by_area": {g: {"objects": v[0], "accuracy": v[1] / v[0]}
                                     for g, v in per_group.items() if g != "all" and v[0]},
+        "object_accuracy_by_size": {b: {"objects": per_size[b][0], "accuracy": per_size[b][1] / per_size[b][0]}
+                                    for b in map(size_bin, [x * x for x in SIZE_BINS]) if b in per_size},
+        "object_accuracy_by_level": {lvl: {"objects": v[0], "accuracy": v[1] / v[0],
+                                           "median_size": statistics.median(v[2]) if v[2] else None}
+                                     for lvl, v in sorted(per_level.items())},
         "mean_positives_above": sum(above) / len(above) if above else float("nan"),
         "frac_objects_2plus_above": (sum(a >= 2 for a in above) / len(above)) if above else float("nan"),
         "mean_positives_above_after_point_nms": (sum(above_nms) / len(above_nms)) if above_nms else None,
@@ -643,6 +674,20 @@ def classify_markdown(results: Dict[str, dict]) -> str:
             f"{s['mean_gt_score']:.3f} | {pct(s['object_accuracy'])} | {by_area} | "
             f"{s['mean_positives_above']:.2f} | {pct(s['frac_objects_2plus_above'])} | "
             f"{'-' if nms is None else f'{nms:.2f}'} |")
+    sizes = [size_bin(x * x) for x in SIZE_BINS]
+    lines += ["", "Object accuracy (class at the best positive) by object size, sqrt(COCO area) in px "
+              "(objects):", "", "| model | " + " | ".join(sizes) + " |", "|" + "---|" * (len(sizes) + 1)]
+    for name, r in results.items():
+        by = r["summary"].get("object_accuracy_by_size", {})
+        lines.append(f"| {name} | " + " | ".join(f"{pct(by[b]['accuracy'])} ({by[b]['objects']})" if b in by else "-"
+                                                  for b in sizes) + " |")
+    lines += ["", "Object accuracy by the level of the best positive (objects; median object size there, px):", ""]
+    for name, r in results.items():
+        by = r["summary"].get("object_accuracy_by_level", {})
+        cells = [f"level {lvl}: {pct(v['accuracy'])} ({v['objects']}"
+                 + (f"; {v['median_size']:.1f} px)" if v["median_size"] is not None else ")")
+                 for lvl, v in by.items()]
+        lines.append(f"- {name}: " + (", ".join(cells) if cells else "-"))
     for name, r in results.items():
         names = r["classes"]
         w = max(6, *(len(n) for n in names))
