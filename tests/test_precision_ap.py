@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 TOLERANCE = 0.3
 HEADLINE = {"bbox": "AP", "segm": "AP", "sem_seg": "mIoU"}
 
-# Configs that missed TOLERANCE on this machine (7 Dec 2026; docs/deploy.md, "Precision", has
+# Configs that missed TOLERANCE on this machine (8 Dec 2026, TEST.FLOAT32_SCORES True, the
+# default; before it Mask R-CNN missed too: box AP +0.50, mask AP +1.01; docs/deploy.md, "Precision", has
 # every row), marked xfail (not strict: a fit is chaotic across CPUs) so that the misses stay
 # visible in the report (-rx) instead of being hidden. On four (two) fitted images an AP
 # moves in steps of about 1/(instances x 10 IoU thresholds): a few mask pixels changing at
@@ -30,10 +31,9 @@ MISSED = {
     "PointINS/pointins_fcos_R18_shapes.yaml": "box AP 71.82 -> 71.49, mask AP 47.10 -> 46.66",
     "PointINS/pointins_retinanet_R18_shapes.yaml": "mask AP 44.38 -> 44.05",
     "PointRend/pointrend_sparseinst_r18_giam_loc_shapes.yaml": "box AP 47.52 -> 43.83, mask AP 64.83 -> 67.32",
-    "PointRend/pointrend_sparseinst_r18_giam_shapes.yaml": "box AP 53.98 -> 56.20, mask AP 70.74 -> 77.74",
+    "PointRend/pointrend_sparseinst_r18_giam_shapes.yaml": "box AP 53.98 -> 56.13, mask AP 70.74 -> 77.74",
     "SOLO/decoupled_solo_shapes.yaml": "box AP 40.25 -> 40.75",
     "SOLO/solo_shapes.yaml": "box AP 24.89 -> 26.79, mask AP 14.54 -> 15.40",
-    "quick/mask_rcnn_shapes.yaml": "box AP 66.51 -> 67.02, mask AP 35.51 -> 36.52",
 }
 
 
