@@ -260,3 +260,15 @@ def test_float32_modules_restores_forward_after_an_error():
     assert "forward" not in vars(model[1])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(x).dtype == torch.bfloat16
+
+
+def test_float32_modules_keeps_a_forward_patched_before_and_names_unknown_modules():
+    from d2seg.engine.precision import float32_modules
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    theirs = model[0].forward = lambda x: torch.zeros(1)  # someone else's patch
+    with torch.autocast("cpu", dtype=torch.bfloat16), float32_modules(model, ["0"]):
+        assert model(torch.randn(3, 4)).dtype == torch.float32
+    assert model[0].forward is theirs
+    with pytest.raises(KeyError, match="no module named 1"):
+        float32_modules(model, ["1"])

@@ -61,15 +61,13 @@ def score_layers(model: torch.nn.Module) -> List[str]:
 
 
 @contextlib.contextmanager
-def float32_modules(model: torch.nn.Module, names: List[str], device_type: str = "cpu"):
-    """Within the block, the modules ``names`` of ``model`` run in float32 under autocast:
-    autocast off in their forward, their floating inputs cast to float32. The modules'
-    ``forward`` is put back on exit (the model is not changed)."""
-    modules = dict(model.named_modules())
-    patched = []
+def _in_float32(modules: List[torch.nn.Module], device_type: str):
+    """Within the block, ``modules`` run in float32 under autocast (autocast off in their
+    forward, their floating inputs cast to float32); each one's ``forward`` is put back on exit."""
+    saved = []
     try:
-        for name in names:
-            module = modules[name]
+        for module in modules:
+            saved.append((module, module.__dict__.get("forward")))
             inner = module.forward
 
             def forward(*args, _inner=inner, **kwargs):
@@ -77,11 +75,29 @@ def float32_modules(model: torch.nn.Module, names: List[str], device_type: str =
                     return _inner(*_float32(list(args)), **{k: _float32(v) for k, v in kwargs.items()})
 
             module.forward = forward
-            patched.append(module)
         yield
     finally:
-        for module in patched:
-            module.__dict__.pop("forward", None)
+        for module, before in reversed(saved):
+            if before is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = before
+
+
+def float32_modules(model: torch.nn.Module, names: List[str], device_type: str = "cpu"):
+    """A context manager: within it, the modules ``names`` of ``model`` (as in
+    ``model.named_modules()``) run in float32 under autocast, autocast off in their forward and
+    their floating inputs cast to float32. Their ``forward`` is put back on exit (the model is
+    not changed). Raises KeyError naming a module ``model`` does not have."""
+    return _in_float32(_submodules(model, names), device_type)
+
+
+def _submodules(model: torch.nn.Module, names: List[str]) -> List[torch.nn.Module]:
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise KeyError(f"{type(model).__name__} has no module named {', '.join(missing)}")
+    return [modules[n] for n in names]
 
 
 def inference_precision(cfg) -> Optional[torch.dtype]:
@@ -152,13 +168,14 @@ class AtPrecision(torch.nn.Module):
         self.dtype = dtype
         self.device_type = device_type
         self.float32_layers = list(float32_layers or [])
+        self._float32_modules = _submodules(model, self.float32_layers)  # once, not on every call
 
     def forward(self, *args, **kwargs):
         """The model's outputs under autocast, floating tensors cast to float32. An op without
         a kernel for the autocast dtype raises its own error with a note naming TEST.PRECISION."""
         try:
             with torch.autocast(self.device_type, dtype=self.dtype), \
-                    float32_modules(self.model, self.float32_layers, self.device_type):
+                    _in_float32(self._float32_modules, self.device_type):
                 outputs = self.model(*args, **kwargs)
         except RuntimeError as e:  # NotImplementedError included: "... not implemented for 'BFloat16'"
             e.add_note(f"(raised while {type(self.model).__name__} ran at TEST.PRECISION "
